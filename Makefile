@@ -1,0 +1,52 @@
+# Two entry points matter (README): `make lab` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+export LLMSTACK_CACHE ?= $(CURDIR)/.cache
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# Scenarios in the order CI runs them; cheap proofs of the lab first.
+SCENARIOS ?= lab default tabbyapi router vllm fleet
+
+.PHONY: venv lint sanity units pytest molecule test lab lab-destroy build clean
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: requirements/controller.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q "$$(grep '^uv==' requirements/controller.txt)"
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements/controller.txt
+	mkdir -p .collections/ansible_collections/llmstack
+	ln -sfn ../../.. .collections/ansible_collections/llmstack/inference
+	touch $@
+
+lint: venv
+	ruff check .
+	yamllint --strict .
+	ansible-lint
+
+sanity: venv
+	tools/ansible-test.sh sanity
+
+units: venv
+	tools/ansible-test.sh units
+
+pytest: venv
+	pytest -q tests/integration_py router/tests
+
+molecule: venv
+	for s in $(SCENARIOS); do echo "=== molecule test -s $$s"; molecule test -s $$s; done
+
+test: lint sanity units pytest molecule
+	python3 tools/lab/labctl.py check-clean
+
+build: venv
+	ansible-galaxy collection build --force --output-path .cache/dist
+
+lab: venv
+	tools/lab/lab-up.sh
+
+lab-destroy:
+	tools/lab/lab-down.sh
+
+clean: lab-destroy
+	rm -rf .collections .pytest_cache tests/output

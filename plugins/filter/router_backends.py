@@ -1,0 +1,247 @@
+# Copyright (c) llmstack.inference contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Derive the router's backends from the backend roles' variables (a model is declared once)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+DOCUMENTATION = r"""
+name: router_backends
+short_description: The model router's backends, derived from the backend roles' variables of one host
+version_added: 0.1.0
+description:
+  - Reads the variables the backend roles of one host are configured with and returns the router's C(backends),
+    so a model is declared once (in the backend role) and never again for the router.
+  - 'C(llamacpp_instances), C(vllm_instances), C(sglang_instances): one backend per instance that is not
+    C(state: stopped), named C(<role>-<name>), unit C(<role>@<name>.service), URL C(http://127.0.0.1:<port>);
+    the model id is the instance''s C(served_model_name), else its C(name) (the id LiteLLM''s
+    C(litellm_model_list) uses too).'
+  - C(tabbyapi_model_name) or C(tabbyapi_model_path) (folder basename is the id) with C(tabbyapi_port), unit
+    C(tabbyapi.service); C(ollama_models) with C(ollama_port), unit C(ollama.service).
+  - 'Router-only settings come, in this order, from the instance (C(aliases), C(vram_mib), C(router_group)), from
+    O(settings) keyed by backend name (C(group), C(co_reside), C(ready_timeout_s), C(stop_timeout_s),
+    C(request_timeout_s), C(aliases), C(vram_mib)), from C(cuda_visible_devices) (group C(gpu0) for C("0"),
+    C(gpu0-1) for C("0,1")), else O(default_group).'
+  - Secrets (C(api_key), C(admin_key)) are returned in the backend so the role can write them to 0600 files;
+    never log the result.
+positional: default_group, settings
+options:
+  _input:
+    description: The host's variables (C(hostvars[host]), or a dict of the backend variables a role sees).
+    type: dict
+    required: true
+  default_group:
+    description: GPU group of backends that name none.
+    type: str
+    default: gpu0
+  settings:
+    description: Router-only settings per backend name.
+    type: dict
+    default: {}
+"""
+
+EXAMPLES = r"""
+- name: Derive the router's backends
+  ansible.builtin.set_fact:
+    _router_backends: >-
+      {{ {'llamacpp_instances': llamacpp_instances | default([])}
+         | llmstack.inference.router_backends('cpu', router_backend_settings) }}
+"""
+
+RETURN = r"""
+_value:
+  description:
+    - One dict per backend, sorted by name, with C(name), C(engine), C(group), C(gpus), C(url), C(unit), C(models)
+      (each C(id), C(served_name), C(aliases), optional C(vram_mib)), C(api_key), C(admin_key) and the router-only
+      settings that were given.
+  type: list
+  elements: dict
+"""
+
+INSTANCE_ROLES = ("llamacpp", "vllm", "sglang")
+SETTING_KEYS = ("co_reside", "ready_timeout_s", "stop_timeout_s", "request_timeout_s")
+_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_DEVICES = re.compile(r"^\d+(,\d+)*$")
+
+
+def _gpu_group(devices: Any) -> tuple[str, list[int]] | None:
+    text = str(devices if devices is not None else "").replace(" ", "")
+    if not text or not _DEVICES.match(text):
+        return None
+    gpus = [int(d) for d in text.split(",")]
+    return "gpu" + "-".join(str(g) for g in gpus), gpus
+
+
+def _model(model_id: str, served_name: str, *sources: Mapping[str, Any]) -> dict[str, Any]:
+    model: dict[str, Any] = {"id": model_id, "served_name": served_name, "aliases": []}
+    for source in sources:
+        if source.get("aliases") and not model["aliases"]:
+            model["aliases"] = [str(a) for a in source["aliases"]]
+        if source.get("vram_mib") and "vram_mib" not in model:
+            model["vram_mib"] = int(source["vram_mib"])
+    return model
+
+
+def _backend(
+    name: str, engine: str, url: str, unit: str, models: list[dict[str, Any]], source: Mapping[str, Any],
+    default_group: str, settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    own = settings.get(name) or {}
+    derived = _gpu_group(source.get("cuda_visible_devices"))
+    group = source.get("router_group") or own.get("group") or (derived[0] if derived else default_group)
+    backend: dict[str, Any] = {
+        "name": name,
+        "engine": engine,
+        "group": str(group),
+        "gpus": derived[1] if derived and group == derived[0] else [],
+        "url": url,
+        "unit": unit,
+        "models": models,
+        "api_key": str(source.get("api_key") or ""),
+        "admin_key": str(source.get("admin_key") or ""),
+    }
+    backend.update({key: own[key] for key in SETTING_KEYS if key in own})
+    return backend
+
+
+def _instances(hv: Mapping[str, Any], role: str, default_group: str, settings: Mapping[str, Any]) -> list[dict]:
+    backends = []
+    for index, instance in enumerate(hv.get(f"{role}_instances") or []):
+        where = f"{role}_instances[{index}]"
+        if not isinstance(instance, Mapping):
+            raise AnsibleFilterError(f"{where} must be a dict")
+        if instance.get("state", "started") == "stopped":
+            continue
+        name = str(instance.get("name") or "")
+        if not _INSTANCE_NAME.match(name):
+            raise AnsibleFilterError(f"{where}.name {name!r} must be letters, digits, - and _ (it names a unit)")
+        try:
+            port = int(instance["port"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AnsibleFilterError(f"{where}.port must be an integer ({exc})") from exc
+        backend_name = f"{role}-{name}"
+        model_id = str(instance.get("served_model_name") or name)
+        own = settings.get(backend_name) or {}
+        models = [_model(model_id, model_id, instance, own)]
+        backends.append(_backend(backend_name, role, f"http://127.0.0.1:{port}", f"{role}@{name}.service",
+                                 models, instance, default_group, settings))
+    return backends
+
+
+def _tabbyapi(hv: Mapping[str, Any], default_group: str, settings: Mapping[str, Any]) -> list[dict]:
+    folder = hv.get("tabbyapi_model_name") or str(hv.get("tabbyapi_model_path") or "").rstrip("/")
+    model_id = str(folder).rstrip("/").rsplit("/", 1)[-1]
+    if not model_id:
+        return []
+    source = {
+        "cuda_visible_devices": hv.get("tabbyapi_cuda_visible_devices"),
+        "api_key": hv.get("tabbyapi_api_key"),
+        "admin_key": hv.get("tabbyapi_admin_key"),
+    }
+    own = settings.get("tabbyapi") or {}
+    port = int(hv.get("tabbyapi_port") or 5000)
+    return [_backend("tabbyapi", "tabbyapi", f"http://127.0.0.1:{port}", "tabbyapi.service",
+                     [_model(model_id, model_id, own)], source, default_group, settings)]
+
+
+def _ollama(hv: Mapping[str, Any], default_group: str, settings: Mapping[str, Any]) -> list[dict]:
+    names = [str(m) for m in hv.get("ollama_models") or []]
+    if not names:
+        return []
+    port = int(hv.get("ollama_port") or 11434)
+    models = [_model(n, n) for n in names]
+    return [_backend("ollama", "ollama", f"http://127.0.0.1:{port}", "ollama.service", models, {},
+                     default_group, settings)]
+
+
+def router_backends(
+    hostvars: Mapping[str, Any], default_group: str = "gpu0", settings: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    if not isinstance(hostvars, Mapping):
+        raise AnsibleFilterError("router_backends: the input must be a host's variables (a dict)")
+    settings = settings or {}
+    for name, own in settings.items():
+        if not isinstance(own, Mapping):
+            raise AnsibleFilterError(f"router_backend_settings.{name} must be a dict of router settings")
+    backends: list[dict[str, Any]] = []
+    for role in INSTANCE_ROLES:
+        backends += _instances(hostvars, role, default_group, settings)
+    backends += _tabbyapi(hostvars, default_group, settings) + _ollama(hostvars, default_group, settings)
+    unknown = sorted(set(settings) - {b["name"] for b in backends})
+    if unknown:
+        raise AnsibleFilterError(
+            f"router_backend_settings names backends this host does not serve: {', '.join(unknown)} "
+            f"(known: {', '.join(b['name'] for b in backends) or 'none'})"
+        )
+    return sorted(backends, key=lambda b: b["name"])
+
+
+def _key_file(config_dir: str, backend: str, kind: str) -> str:
+    return f"{config_dir.rstrip('/')}/{backend}.{kind}"
+
+
+def router_config(
+    backends: list[Mapping[str, Any]], config_dir: str, listen: Mapping[str, Any],
+    groups: Mapping[str, Any] | None = None, top: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The router's config.yml (without secrets: keys are referenced by file) for :func:`router_backends`."""
+    if not backends:
+        raise AnsibleFilterError(
+            "the router has no backends: declare models in llamacpp_instances, vllm_instances, sglang_instances, "
+            "tabbyapi_model_name or ollama_models on this host"
+        )
+    group_settings = dict(groups or {})
+    config_groups: dict[str, Any] = {}
+    for backend in backends:
+        derived = {"gpus": list(backend.get("gpus") or [])}
+        config_groups.setdefault(backend["group"], derived)
+    unknown = sorted(set(group_settings) - set(config_groups))
+    if unknown:
+        raise AnsibleFilterError(
+            f"router_groups names groups no backend is in: {', '.join(unknown)} (in use: {', '.join(config_groups)})"
+        )
+    for name, own in group_settings.items():
+        config_groups[name] = {**config_groups[name], **dict(own or {})}
+    config_backends: dict[str, Any] = {}
+    for backend in backends:
+        entry: dict[str, Any] = {
+            "engine": backend["engine"],
+            "group": backend["group"],
+            "url": backend["url"],
+            "unit": backend["unit"],
+            "models": [dict(m) for m in backend["models"]],
+        }
+        entry.update({key: backend[key] for key in SETTING_KEYS if key in backend})
+        if backend.get("api_key"):
+            entry["api_key_file"] = _key_file(config_dir, backend["name"], "api_key")
+        if backend.get("admin_key"):
+            entry["admin_key_file"] = _key_file(config_dir, backend["name"], "admin_key")
+        config_backends[backend["name"]] = entry
+    config: dict[str, Any] = dict(top or {})
+    config.update({
+        "listen": {"host": str(listen["host"]), "port": int(listen["port"])},
+        "groups": config_groups,
+        "backends": config_backends,
+    })
+    return config
+
+
+def router_key_files(backends: list[Mapping[str, Any]], config_dir: str) -> list[dict[str, str]]:
+    """``{path, key}`` for every backend secret the config references (log nothing of it)."""
+    files = []
+    for backend in backends:
+        for kind in ("api_key", "admin_key"):
+            if backend.get(kind):
+                files.append({"path": _key_file(config_dir, backend["name"], kind), "key": str(backend[kind])})
+    return files
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {"router_backends": router_backends, "router_config": router_config,
+                "router_key_files": router_key_files}

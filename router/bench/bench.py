@@ -1,0 +1,414 @@
+"""What the router adds to a request, measured against the same upstreams, with LiteLLM's proxy beside it.
+
+One run starts, all on 127.0.0.1: a minimal fake OpenAI server (fast upstream), optionally a
+llama.cpp server (llama-cpp-python) on a GGUF, the router (backends adopted, no swaps), LiteLLM's
+proxy in its own venv, then sends bounded request batches directly / via router / via LiteLLM:
+non-streaming at concurrency 1 and 32, and streams (time to first chunk, gap between chunks).
+Last, the router's own time inside a swap: two spawned fake engines swapped N times; each
+engine writes when it got SIGTERM, when it exited and when it listened, so the backend's part
+is subtracted from what the client saw.
+
+    .venv/bin/python router/bench/bench.py [--llama-python .cache/venvs/llamacpp/bin/python]
+        [--llama-model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf] [--litellm .cache/venvs/litellm/bin/litellm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "bench-api-key-0123456789"
+LITELLM_KEY = "sk-bench-master-key-0123456789"
+CHAT = {"messages": [{"role": "user", "content": "Say hi"}]}
+
+
+# ---- the fast upstream -----------------------------------------------------------------------
+
+def _fake_app(model: str, chunks: int, chunk_delay_s: float) -> web.Application:
+    body = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": model,
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": "hi"}}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+    chunk = ("data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                                    "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
+             + "\n\n").encode()
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        if not payload.get("stream"):
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(chunks):
+            await asyncio.sleep(chunk_delay_s)
+            await response.write(chunk)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", complete)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    return app
+
+
+async def _serve_fake(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    term_at: list[float] = []
+
+    def on_term() -> None:
+        term_at.append(time.time())
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    runner = web.AppRunner(_fake_app(args.model, args.chunks, args.chunk_delay), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    if args.stamp:
+        Path(args.stamp + ".ready").write_text(repr(time.time()))
+    await stop.wait()
+    await runner.cleanup()
+    if args.stamp:
+        Path(args.stamp + ".stop").write_text(json.dumps([term_at[0], time.time()]))
+
+
+# ---- process helpers -------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fake_cmd(port: int, model: str, chunks: int = 20, delay: float = 0.005, stamp: str | None = None) -> list[str]:
+    cmd = [sys.executable, __file__, "--serve-fake", "--port", str(port), "--model", model,
+           "--chunks", str(chunks), "--chunk-delay", str(delay)]
+    return cmd + (["--stamp", stamp] if stamp else [])
+
+
+class Procs:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+async def wait_http(url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as client:
+        while time.monotonic() < deadline:
+            try:
+                async with client.get(url, headers=headers or {}) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} not up after {timeout_s}s")
+
+
+# ---- measurement -----------------------------------------------------------------------------
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def one_request(client: aiohttp.ClientSession, url: str, model: str, headers: dict[str, str],
+                      extra: dict[str, Any]) -> float:
+    began = time.perf_counter()
+    async with client.post(url + "/v1/chat/completions", json={"model": model, **CHAT, **extra},
+                           headers=headers) as resp:
+        await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: {resp.status} {(await resp.text())[:300]}")
+    return time.perf_counter() - began
+
+
+async def batch(url: str, model: str, headers: dict[str, str], count: int, concurrency: int,
+                extra: dict[str, Any]) -> list[float]:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        await asyncio.gather(*(one_request(client, url, model, headers, extra) for _ in range(min(concurrency, 8))))
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def guarded() -> float:
+            async with semaphore:
+                return await one_request(client, url, model, headers, extra)
+
+        return list(await asyncio.gather(*(guarded() for _ in range(count))))
+
+
+async def stream_once(client: aiohttp.ClientSession, url: str, model: str, headers: dict[str, str],
+                      extra: dict[str, Any]) -> tuple[float, list[float]]:
+    began = time.perf_counter()
+    arrivals: list[float] = []
+    async with client.post(url + "/v1/chat/completions", json={"model": model, "stream": True, **CHAT, **extra},
+                           headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: {resp.status} {(await resp.text())[:300]}")
+        async for line in resp.content:
+            if line.startswith(b"data:"):
+                arrivals.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return arrivals[0] - began, gaps
+
+
+async def stream_batch(url: str, model: str, headers: dict[str, str], count: int,
+                       extra: dict[str, Any]) -> tuple[list[float], list[float]]:
+    ttft: list[float] = []
+    gaps: list[float] = []
+    async with aiohttp.ClientSession() as client:
+        await stream_once(client, url, model, headers, extra)
+        for _ in range(count):
+            first, between = await stream_once(client, url, model, headers, extra)
+            ttft.append(first)
+            gaps.extend(between)
+    return ttft, gaps
+
+
+async def compare(targets: dict[str, tuple[str, str, dict[str, str]]], label: str, count: int, concurrency: int,
+                  extra: dict[str, Any], rounds: int = 3) -> dict[str, list[float]]:
+    """Interleave targets over rounds so that drifting background load hits all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (url, model, headers) in targets.items():
+            samples[name] += await batch(url, model, headers, count // rounds, concurrency, extra)
+    report(label, samples)
+    return samples
+
+
+def report(label: str, samples: dict[str, list[float]]) -> None:
+    direct = samples["direct"]
+    d50, d99 = pct(direct, 0.5), pct(direct, 0.99)
+    print(f"\n{label}  (n={len(direct)} per target)")
+    print(f"  {'target':8} {'p50 ms':>9} {'p99 ms':>9} {'added p50':>10} {'added p99':>10}")
+    added = {}
+    for name, values in samples.items():
+        p50, p99 = pct(values, 0.5), pct(values, 0.99)
+        added[name] = (p50 - d50, p99 - d99)
+        extra = "" if name == "direct" else f"{(p50 - d50) * 1e3:10.3f} {(p99 - d99) * 1e3:10.3f}"
+        print(f"  {name:8} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f} {extra}")
+    if "litellm" in added and "router" in added:
+        r50, r99 = added["router"]
+        l50, l99 = added["litellm"]
+        print(f"  router added / litellm added: p50 {r50 / l50 if l50 else float('nan'):.3f}, "
+              f"p99 {r99 / l99 if l99 else float('nan'):.3f}")
+    RESULTS[label] = {name: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3, "n": len(v)}
+                      for name, v in samples.items()}
+
+
+RESULTS: dict[str, Any] = {}
+
+
+async def streams(targets: dict[str, tuple[str, str, dict[str, str]]], label: str, count: int,
+                  extra: dict[str, Any]) -> None:
+    print(f"\n{label}  (n={count} streams per target)")
+    print(f"  {'target':8} {'ttft p50':>9} {'ttft p99':>9} {'gap p50':>9} {'gap p99':>9}  (ms)")
+    out = {}
+    for name, (url, model, headers) in targets.items():
+        ttft, gaps = await stream_batch(url, model, headers, count, extra)
+        out[name] = {"ttft_p50_ms": pct(ttft, 0.5) * 1e3, "ttft_p99_ms": pct(ttft, 0.99) * 1e3,
+                     "gap_p50_ms": pct(gaps, 0.5) * 1e3, "gap_p99_ms": pct(gaps, 0.99) * 1e3}
+        row = out[name]
+        print(f"  {name:8} {row['ttft_p50_ms']:9.3f} {row['ttft_p99_ms']:9.3f} {row['gap_p50_ms']:9.3f} "
+              f"{row['gap_p99_ms']:9.3f}")
+    RESULTS[label] = out
+
+
+async def swap_overhead(workdir: Path, swaps: int) -> None:
+    port_a, port_b, router_port = free_port(), free_port(), free_port()
+    stamps = {"a": str(workdir / "swap-a"), "b": str(workdir / "swap-b")}
+    config = {
+        "listen": {"host": "127.0.0.1", "port": router_port}, "log_level": "WARNING",
+        "auth": {"api_keys": [KEY]}, "groups": {"gpu0": {"min_residency_s": 0}},
+        "backends": {
+            name: {"engine": "llamacpp", "group": "gpu0", "url": f"http://127.0.0.1:{port}",
+                   "command": fake_cmd(port, f"m{name}", stamp=stamps[name]), "models": [{"id": f"m{name}"}]}
+            for name, port in (("a", port_a), ("b", port_b))},
+    }
+    path = workdir / "swap-router.yml"
+    path.write_text(yaml.safe_dump(config))
+    procs = Procs(workdir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "router" / "src")}
+    procs.start("swap-router", [sys.executable, "-m", "llmstack_router.cli", "--config", str(path)], env)
+    url = f"http://127.0.0.1:{router_port}"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    rows = []
+    try:
+        await wait_http(url + "/health", 30)
+        async with aiohttp.ClientSession() as client:
+            for index in range(swaps + 1):
+                name = "ab"[index % 2]
+                for suffix in (".ready", ".stop"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stamps[name] + suffix)
+                total = await one_request(client, url, f"m{name}", headers, {})
+                direct = await one_request(client, url, f"m{name}", headers, {})  # now loaded: plain hop
+                async with client.get(url + "/status", headers=headers) as resp:
+                    record = (await resp.json())["groups"][0]["last_swaps"][-1]
+                if index == 0:
+                    continue  # the first load has nothing to stop
+                ready_at = float(Path(stamps[name] + ".ready").read_text())
+                term_at, exited_at = json.loads(Path(stamps["ab"[(index + 1) % 2]] + ".stop").read_text())
+                backend_start = ready_at - record["start_called_at"]
+                backend_stop = exited_at - term_at
+                router_own = total - direct - backend_start - backend_stop
+                rows.append({"client_total_s": total, "backend_start_s": backend_start,
+                             "backend_stop_s": backend_stop, "router_own_s": router_own,
+                             "router_stop_wait_s": record["stop_s"], "ready_detect_lag_s": record["ready_at"] - ready_at})
+    finally:
+        procs.stop_all()
+    own = [r["router_own_s"] for r in rows]
+    lag = [r["ready_detect_lag_s"] for r in rows]
+    print(f"\nswap overhead ({len(rows)} swaps between two spawned fake engines)")
+    print(f"  client-seen swap p50 {statistics.median(r['client_total_s'] for r in rows) * 1e3:.1f} ms; "
+          f"backend start p50 {statistics.median(r['backend_start_s'] for r in rows) * 1e3:.1f} ms; "
+          f"backend stop p50 {statistics.median(r['backend_stop_s'] for r in rows) * 1e3:.1f} ms")
+    print(f"  router's own time: p50 {pct(own, 0.5) * 1e3:.1f} ms, max {max(own) * 1e3:.1f} ms "
+          f"(of which readiness-poll lag p50 {pct(lag, 0.5) * 1e3:.1f} ms)")
+    RESULTS["swap"] = {"n": len(rows), "router_own_p50_ms": pct(own, 0.5) * 1e3, "router_own_max_ms": max(own) * 1e3,
+                       "ready_lag_p50_ms": pct(lag, 0.5) * 1e3, "rows": rows}
+
+
+async def run(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="router-bench-"))
+    procs = Procs(workdir)
+    fake_port, router_port = free_port(), free_port()
+    llama_port, litellm_port = free_port(), free_port()
+    use_llama = bool(args.llama_python and args.llama_model)
+    use_litellm = bool(args.litellm)
+    procs.start("fake", fake_cmd(fake_port, "fake", args.chunks, args.chunk_delay))
+    if use_llama:
+        procs.start("llama", [args.llama_python, "-m", "llama_cpp.server", "--model", args.llama_model,
+                              "--host", "127.0.0.1", "--port", str(llama_port), "--model_alias", "smol",
+                              "--n_ctx", "512", "--n_threads", "1"])
+    backends: dict[str, Any] = {"fake": {"engine": "openai", "group": "g1", "url": f"http://127.0.0.1:{fake_port}",
+                                         "models": [{"id": "fake"}]}}
+    groups: dict[str, Any] = {"g1": {}}
+    if use_llama:
+        backends["llama"] = {"engine": "llamacpp", "group": "g2", "url": f"http://127.0.0.1:{llama_port}",
+                             "models": [{"id": "smol"}]}
+        groups["g2"] = {}
+    router_cfg = {"listen": {"host": "127.0.0.1", "port": router_port}, "auth": {"api_keys": [KEY]},
+                  "groups": groups, "backends": backends, "log_level": "INFO"}
+    (workdir / "router.yml").write_text(yaml.safe_dump(router_cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "router" / "src")}
+    try:
+        await wait_http(f"http://127.0.0.1:{fake_port}/health", 30)
+        if use_llama:
+            await wait_http(f"http://127.0.0.1:{llama_port}/v1/models", 120)
+        procs.start("router", [sys.executable, "-m", "llmstack_router.cli", "--config", str(workdir / "router.yml")],
+                    env)
+        await wait_http(f"http://127.0.0.1:{router_port}/health", 30)
+        if use_litellm:
+            model_list = [{"model_name": "fake", "litellm_params": {
+                "model": "openai/fake", "api_base": f"http://127.0.0.1:{fake_port}/v1", "api_key": "none"}}]
+            if use_llama:
+                model_list.append({"model_name": "smol", "litellm_params": {
+                    "model": "openai/smol", "api_base": f"http://127.0.0.1:{llama_port}/v1", "api_key": "none"}})
+            (workdir / "litellm.yml").write_text(yaml.safe_dump({
+                "model_list": model_list, "general_settings": {"master_key": LITELLM_KEY},
+                "litellm_settings": {"telemetry": False}}))
+            litellm_env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")}
+            litellm_env |= {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_PROXY": "127.0.0.1,localhost",
+                            "LITELLM_LOG": "ERROR"}
+            procs.start("litellm", [args.litellm, "--config", str(workdir / "litellm.yml"), "--host", "127.0.0.1",
+                                    "--port", str(litellm_port), "--num_workers", "1"], litellm_env)
+            await wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", 180)
+        router_headers = {"Authorization": f"Bearer {KEY}"}
+        fast = {"direct": (f"http://127.0.0.1:{fake_port}", "fake", {}),
+                "router": (f"http://127.0.0.1:{router_port}", "fake", router_headers)}
+        if use_litellm:
+            fast["litellm"] = (f"http://127.0.0.1:{litellm_port}", "fake", {"Authorization": f"Bearer {LITELLM_KEY}"})
+        await compare(fast, "fast upstream, non-streaming, concurrency 1", args.requests, 1, {})
+        await compare(fast, "fast upstream, non-streaming, concurrency 32", args.requests * 2, 32, {})
+        await streams(fast, f"fast upstream, streaming {args.chunks} chunks every {args.chunk_delay * 1e3:.0f} ms",
+                      args.streams, {})
+        if use_llama:
+            llama = {"direct": (f"http://127.0.0.1:{llama_port}", "smol", {}),
+                     "router": (f"http://127.0.0.1:{router_port}", "smol", router_headers)}
+            if use_litellm:
+                llama["litellm"] = (f"http://127.0.0.1:{litellm_port}", "smol",
+                                    {"Authorization": f"Bearer {LITELLM_KEY}"})
+            short = {"max_tokens": 2, "temperature": 0}
+            await compare(llama, "llama.cpp SmolLM2, non-streaming (max_tokens 2), concurrency 1",
+                          args.llama_requests, 1, short)
+            await compare(llama, "llama.cpp SmolLM2, non-streaming (max_tokens 2), concurrency 32",
+                          args.llama_requests * 2, 32, short, rounds=1)
+            await streams(llama, "llama.cpp SmolLM2, streaming (max_tokens 16)", args.llama_streams,
+                          {"max_tokens": 16, "temperature": 0})
+    finally:
+        procs.stop_all()
+    await swap_overhead(workdir, args.swaps)
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=2))
+    print(f"\nlogs: {workdir}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="fake", help=argparse.SUPPRESS)
+    parser.add_argument("--stamp", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--chunk-delay", type=float, default=0.005)
+    parser.add_argument("--requests", type=int, default=600, help="fast-upstream requests per target (c=1)")
+    parser.add_argument("--streams", type=int, default=40)
+    parser.add_argument("--llama-requests", type=int, default=60)
+    parser.add_argument("--llama-streams", type=int, default=10)
+    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--llama-python", default=None)
+    parser.add_argument("--llama-model", default=None)
+    parser.add_argument("--litellm", default=None, help="path to the litellm executable (its own venv)")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    args = parser.parse_args()
+    if args.serve_fake:
+        asyncio.run(_serve_fake(args))
+    else:
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

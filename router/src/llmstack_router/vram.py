@@ -1,0 +1,63 @@
+"""How much GPU memory is free, behind an interface that tests replace with a fake."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+
+class VramProbeError(RuntimeError):
+    pass
+
+
+class VramProbe(Protocol):
+    async def free_mib(self, gpus: tuple[int, ...]) -> int | None:
+        """Free MiB summed over ``gpus`` (all GPUs when empty); None when unknown."""
+
+
+class NoVramProbe:
+    """No GPU telemetry: pre-flight falls back to the group's declared capacity."""
+
+    async def free_mib(self, gpus: tuple[int, ...]) -> int | None:
+        return None
+
+
+class NvidiaSmiProbe:
+    """Reads ``nvidia-smi --query-gpu``; NVML would avoid the fork but adds a binding dependency."""
+
+    def __init__(self, binary: str = "nvidia-smi", timeout_s: float = 10.0) -> None:
+        self.binary = binary
+        self.timeout_s = timeout_s
+
+    async def free_mib(self, gpus: tuple[int, ...]) -> int | None:
+        proc = await asyncio.create_subprocess_exec(
+            self.binary, "--query-gpu=index,memory.free", "--format=csv,noheader,nounits",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout_s)
+        except TimeoutError as exc:
+            proc.kill()
+            await proc.wait()
+            raise VramProbeError(f"{self.binary} did not answer within {self.timeout_s}s") from exc
+        if proc.returncode != 0:
+            raise VramProbeError(f"{self.binary} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+        return parse_nvidia_smi(out.decode(), gpus)
+
+
+def parse_nvidia_smi(text: str, gpus: tuple[int, ...]) -> int:
+    free: dict[int, int] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        index_text, free_text = (part.strip() for part in line.split(",", 1))
+        free[int(index_text)] = int(float(free_text))
+    wanted = gpus or tuple(free)
+    missing = [gpu for gpu in wanted if gpu not in free]
+    if missing:
+        raise VramProbeError(f"GPU(s) {missing} not reported by nvidia-smi (have {sorted(free)})")
+    return sum(free[gpu] for gpu in wanted)
+
+
+def make_probe(kind: str) -> VramProbe:
+    return NvidiaSmiProbe() if kind == "nvidia-smi" else NoVramProbe()

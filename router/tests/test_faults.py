@@ -1,0 +1,343 @@
+"""Swaps and failures with backends the router spawns as real processes (emulated engines)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from helpers import (
+    ADMIN,
+    AUTH,
+    FAKE_UPSTREAM,
+    FakeProbe,
+    free_port,
+    router_config,
+    spawned_backend,
+    start_router,
+)
+
+pytestmark = pytest.mark.asyncio
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+async def chat(client: aiohttp.ClientSession, url: str, model: str, **extra) -> tuple[int, dict]:
+    async with client.post(url + "/v1/chat/completions", json={"model": model, **CHAT, **extra}) as resp:
+        return resp.status, await resp.json()
+
+
+def pgid_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_swap_both_ways_keeps_one_backend_up() -> None:
+    port_a, port_b = free_port(), free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a"), "b": spawned_backend(port_b, "model-b")}))
+    lane = router.router.lane_of["model-a"]
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            for model in ("model-a", "model-b", "model-a"):
+                status, body = await chat(client, router.url, model)
+                assert status == 200, body
+                assert body["choices"][0]["message"]["content"] == f"hello from {model}"
+                up = [name for name, rt in lane.backends.items()
+                      if rt.controller.proc is not None and rt.controller.proc.returncode is None]
+                assert up == [model[-1]]
+        assert lane.core.swaps == 3
+        assert [r.error for r in lane.history] == [None, None, None]
+    finally:
+        await router.close()
+
+
+async def test_backend_exiting_at_start_gives_every_waiter_503_with_logs_then_retries(tmp_path: Path) -> None:
+    port = free_port()
+    flag = tmp_path / "broken"
+    flag.touch()
+    router = await start_router(router_config({"a": spawned_backend(port, "model-a", "--exit-if-file", str(flag))}))
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            results = await asyncio.gather(*(chat(client, router.url, "model-a") for _ in range(3)))
+            for status, body in results:
+                assert status == 503
+                assert body["error"]["code"] == "model_load_failed"
+                assert "exited with code 3" in body["error"]["message"]
+                assert "CUDA out of memory while loading weights (emulated)" in body["error"]["message"]
+            assert router.router.lane_of["model-a"].core.swaps == 1  # three waiters, one load
+            flag.unlink()
+            status, body = await chat(client, router.url, "model-a")
+            assert status == 200, body
+    finally:
+        await router.close()
+
+
+async def test_backend_never_ready_times_out_and_is_stopped() -> None:
+    port = free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port, "model-a", "--never-ready", ready_timeout_s=1.0)}))
+    lane = router.router.lane_of["model-a"]
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            began = asyncio.get_running_loop().time()
+            status, body = await chat(client, router.url, "model-a")
+            elapsed = asyncio.get_running_loop().time() - began
+        assert status == 503
+        assert "not ready" in body["error"]["message"]
+        assert "ready_timeout_s" in body["error"]["message"]
+        assert "listening" in body["error"]["message"]  # the backend's own output comes along
+        assert elapsed < 4.0
+        assert lane.backends["a"].controller.proc.returncode is not None
+        assert lane.core.phase == "idle"
+    finally:
+        await router.close()
+
+
+async def test_kill_9_mid_stream_reports_error_and_next_request_restarts_backend() -> None:
+    port = free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port, "model-a", "--chunks", "100", "--chunk-delay", "0.05")}))
+    lane = router.router.lane_of["model-a"]
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            lines = []
+            async with client.post(router.url + "/v1/chat/completions",
+                                   json={"model": "model-a", "stream": True, **CHAT}) as resp:
+                assert resp.status == 200
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        lines.append(line)
+                        if len(lines) == 3:
+                            os.kill(lane.backends["a"].controller.proc.pid, signal.SIGKILL)
+            assert b'"upstream_error"' in lines[-1], lines[-3:]
+            assert not any(b"[DONE]" in line for line in lines)
+            for _ in range(100):
+                if lane.core.phase == "idle":
+                    break
+                await asyncio.sleep(0.02)
+            assert lane.core.phase == "idle"
+            assert "exited with code -9" in lane.core.last_error
+            status, body = await chat(client, router.url, "model-a")
+            assert status == 200, body
+    finally:
+        await router.close()
+
+
+async def test_client_cancelling_while_queued_is_dropped() -> None:
+    port_a, port_b = free_port(), free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a"), "b": spawned_backend(port_b, "model-b")},
+        group={"min_residency_s": 30.0}))
+    lane = router.router.lane_of["model-a"]
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            assert (await chat(client, router.url, "model-a"))[0] == 200
+            waiting = asyncio.create_task(chat(client, router.url, "model-b"))
+            for _ in range(100):
+                if lane.core.queue_depth() == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert lane.core.queue_depth() == 1
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            for _ in range(100):
+                if lane.core.queue_depth() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert lane.core.queue_depth() == 0
+            assert (await chat(client, router.url, "model-a"))[0] == 200
+        assert lane.core.swaps == 1  # model-b was never loaded for the client that left
+        assert lane.core.active == "model-a"
+    finally:
+        await router.close()
+
+
+async def test_full_queue_answers_503_with_retry_after() -> None:
+    port_a, port_b = free_port(), free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a"), "b": spawned_backend(port_b, "model-b")},
+        group={"min_residency_s": 30.0, "queue_size": 2}))
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            assert (await chat(client, router.url, "model-a"))[0] == 200
+            queued = [asyncio.create_task(chat(client, router.url, "model-b")) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            async with client.post(router.url + "/v1/chat/completions", json={"model": "model-b", **CHAT}) as resp:
+                assert resp.status == 503
+                assert int(resp.headers["Retry-After"]) >= 1
+                assert (await resp.json())["error"]["code"] == "queue_full"
+            for task in queued:
+                task.cancel()
+            await asyncio.gather(*queued, return_exceptions=True)
+    finally:
+        await router.close()
+
+
+async def test_streaming_waiter_gets_loading_comments_then_the_stream() -> None:
+    port = free_port()
+    router = await start_router(router_config({"a": spawned_backend(port, "model-a", "--start-delay", "1.2")}))
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            async with client.post(router.url + "/v1/chat/completions",
+                                   json={"model": "model-a", "stream": True, **CHAT}) as resp:
+                body = (await resp.read()).decode()
+        comments = [line for line in body.splitlines() if line.startswith(": loading model-a")]
+        assert len(comments) >= 2, body
+        assert body.index(": loading") < body.index("data:")
+        assert body.rstrip().endswith("data: [DONE]")
+    finally:
+        await router.close()
+
+
+async def test_vram_preflight_fails_fast_and_keeps_current_model() -> None:
+    port_a, port_b = free_port(), free_port()
+    probe = FakeProbe(free=2000)
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a", vram_mib=1000),
+        "big": spawned_backend(port_b, "model-big", vram_mib=50000)}), probe=probe)
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            assert (await chat(client, router.url, "model-a"))[0] == 200
+            began = asyncio.get_running_loop().time()
+            status, body = await chat(client, router.url, "model-big")
+            assert asyncio.get_running_loop().time() - began < 1.0
+            assert status == 503
+            message = body["error"]["message"]
+            assert "needs 50000 MiB" in message
+            assert "can free at most 3000 MiB" in message
+            status, _ = await chat(client, router.url, "model-a")
+            assert status == 200
+            assert router.router.lane_of["model-a"].backends["a"].controller.proc.returncode is None
+    finally:
+        await router.close()
+
+
+async def test_vram_not_coming_back_after_stop_is_reported() -> None:
+    port_a, port_b = free_port(), free_port()
+    probe = FakeProbe(free=20000)
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a", vram_mib=8000),
+        "b": spawned_backend(port_b, "model-b", vram_mib=8000)},
+        group={"vram_release_timeout_s": 0.5}), probe=probe)
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            assert (await chat(client, router.url, "model-a"))[0] == 200
+            probe.free = 12000  # model-a holds 8000 MiB ... and the emulated driver never returns it
+            status, body = await chat(client, router.url, "model-b")
+        assert status == 503
+        assert "VRAM not released" in body["error"]["message"]
+        assert "12000 MiB free, need 19488 MiB" in body["error"]["message"]
+    finally:
+        await router.close()
+
+
+async def test_tabbyapi_in_place_switch_persists_model_name(tmp_path: Path) -> None:
+    port = free_port()
+    tabby_config = tmp_path / "config.yml"
+    tabby_config.write_text("# operator's comment\nnetwork:\n  port: 5000\nmodel:\n  # which model\n"
+                            "  model_name: first\n  max_seq_len: 4096\n")
+    admin_key = "tabby-admin-key-0123456789"
+    from fake_upstream import FakeUpstream
+    from helpers import start_fake
+    tabby = FakeUpstream("first", engine="tabbyapi", api_key=admin_key, models=["first", "second"])
+    runner, port = await start_fake(tabby)
+    router = await start_router(router_config({"tabby": {
+        "engine": "tabbyapi", "group": "gpu0", "url": f"http://127.0.0.1:{port}", "admin_keys": [admin_key],
+        "tabby_config": str(tabby_config), "models": [{"id": "first"}, {"id": "second"}]}}))
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            assert (await chat(client, router.url, "first"))[0] == 200  # adopted: already loaded
+            status, body = await chat(client, router.url, "second")
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] == "hello from second"
+        text = tabby_config.read_text()
+        assert '  model_name: "second"' in text
+        assert "# operator's comment" in text
+        assert "max_seq_len: 4096" in text
+        assert (tmp_path / "config.yml.bak").read_text().count("model_name: first") == 1
+    finally:
+        await router.close()
+        await runner.cleanup()
+
+
+async def test_two_hundred_alternating_requests_no_failure_bounded_swaps() -> None:
+    port_a, port_b = free_port(), free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a"), "b": spawned_backend(port_b, "model-b")},
+        group={"min_residency_s": 1.0, "queue_size": 256}))
+    lane = router.router.lane_of["model-a"]
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            began = asyncio.get_running_loop().time()
+            semaphore = asyncio.Semaphore(16)
+
+            async def one(index: int) -> int:
+                async with semaphore:
+                    return (await chat(client, router.url, "model-" + "ab"[index % 2]))[0]
+
+            codes = await asyncio.gather(*(one(i) for i in range(200)))
+            elapsed = asyncio.get_running_loop().time() - began
+        assert codes.count(200) == 200
+        bound = 1 + elapsed / 1.0
+        print(f"\n200 alternating requests (16 concurrent): {lane.core.swaps} swaps in {elapsed:.1f}s")
+        assert lane.core.swaps <= bound
+        assert lane.core.swaps <= 20
+    finally:
+        await router.close()
+
+
+async def test_router_exit_kills_spawned_backend_and_its_children(tmp_path: Path) -> None:
+    port, router_port = free_port(), free_port()
+    # The engine forks a helper that stays in its process group (llama-swap #100's orphans).
+    script = f"sleep 300 & exec {sys.executable} {FAKE_UPSTREAM} --port {port} --model model-a"
+    config = tmp_path / "config.yml"
+    import yaml
+    cfg = router_config({"a": {"engine": "llamacpp", "group": "gpu0", "url": f"http://127.0.0.1:{port}",
+                               "command": ["/bin/sh", "-c", script], "models": [{"id": "model-a"}]}})
+    cfg["listen"] = {"host": "127.0.0.1", "port": router_port}
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llmstack_router.cli", "--config", str(config),
+                                                env=env, stderr=asyncio.subprocess.PIPE)
+    url = f"http://127.0.0.1:{router_port}"
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            for _ in range(200):
+                try:
+                    async with client.get(url + "/health") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            assert (await chat(client, url, "model-a"))[0] == 200
+            async with client.get(url + "/admin/status", headers=ADMIN) as resp:
+                assert resp.status == 200
+        pgids = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmd_has(p, str(port))}
+        assert pgids, "backend not found in /proc"
+        groups = {os.getpgid(pid) for pid in pgids}
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+        await asyncio.sleep(0.2)
+        assert not any(pgid_alive(g) for g in groups), "backend processes survived the router"
+        logs = (await proc.stderr.read()).decode()
+        assert '"logger": "llmstack_router.access"' in logs
+        assert '"request_id"' in logs
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def _cmd_has(proc_dir: Path, text: str) -> bool:
+    try:
+        return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False

@@ -1,0 +1,482 @@
+"""The service guard's prestart script, run for real against real processes, ports and mounts.
+
+Each test writes a guard config, starts real listeners as throwaway system users on loopback,
+runs roles/service_guard/files/prestart.sh as root exactly as systemd's `ExecStartPre=+` would,
+and checks both its exit status and what happened to the processes.
+
+Needs root (it creates users, mounts tmpfs and signals other users' processes). The one piece of
+hardware we lack, the GPU, is emulated by a fake `nvidia-smi` written per test (see `fake_gpu`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "roles/service_guard/files/prestart.sh"
+# The listeners run as unprivileged users, who cannot execute the controller venv under /root.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the guard runs as root: run this suite as root"),
+    pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason=f"{SYSTEM_PYTHON} is needed for listeners"),
+]
+
+LISTENER = textwrap.dedent(
+    """
+    import signal, socket, sys, time
+    family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((sys.argv[1], int(sys.argv[2])))
+    sock.listen()
+    if sys.argv[3] == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ready", flush=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+    """
+)
+
+# Emulates the two nvidia-smi queries the guard makes, for hosts without an NVIDIA GPU. The state
+# file lists GPUs (index, free MiB) and compute apps (pid, used MiB); an app whose process has
+# exited no longer shows and its memory counts as free again, as the driver does.
+FAKE_NVIDIA_SMI = textwrap.dedent(
+    """\
+    #!/usr/bin/python3
+    \"\"\"Emulated nvidia-smi (tests only: this machine has no NVIDIA GPU).\"\"\"
+    import json, os, sys
+    state = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "state.json")))
+    args = sys.argv[1:]
+    selected = None
+    if "-i" in args:
+        selected = {int(i) for i in args[args.index("-i") + 1].split(",")}
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    apps = [a for a in state["apps"] if selected is None or a["gpu"] in selected]
+    query = next(a.split("=", 1)[1] for a in args if a.startswith("--query-"))
+    if any(a.startswith("--query-compute-apps") for a in args):
+        for app in apps:
+            if running(app["pid"]):
+                print(f"{app['pid']}, {app['used']}")
+    else:
+        for gpu in state["gpus"]:
+            if selected is not None and gpu["index"] not in selected:
+                continue
+            released = sum(a["used"] for a in apps if a["gpu"] == gpu["index"] and not running(a["pid"]))
+            print(f"{gpu['index']}, {gpu['free'] + released}")
+    """
+)
+
+
+@dataclass
+class GuardRun:
+    returncode: int
+    output: str
+
+    def lines(self, level: str) -> list[str]:
+        return [line for line in self.output.splitlines() if f": {level}: " in line]
+
+
+@dataclass
+class Guard:
+    """One guarded service: its config file and the throwaway user it runs as."""
+
+    workdir: Path
+    user: str
+    unit: str = "sgtest.service"
+    ports: list[int] = field(default_factory=list)
+    model_dirs: list[Path] = field(default_factory=list)
+    gpus: list[int] = field(default_factory=list)
+    min_free_vram_mib: int = 0
+    require_mountpoint: bool = True
+    model_mount: str = ""
+    kill_grace_s: int = 2
+    nvidia_smi: str = "nvidia-smi-absent-on-purpose"
+    extra_lines: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> Path:
+        return self.workdir / f"{self.unit.removesuffix('.service')}.conf"
+
+    def write_config(self) -> Path:
+        lines = [f"unit={self.unit}", f"user={self.user}"]
+        lines += [f"port={port}" for port in self.ports]
+        lines += [f"model_dir={path}" for path in self.model_dirs]
+        lines += [f"gpu={gpu}" for gpu in self.gpus]
+        lines += [
+            f"min_free_vram_mib={self.min_free_vram_mib}",
+            f"require_mountpoint={str(self.require_mountpoint).lower()}",
+            f"model_mount={self.model_mount}",
+            f"kill_grace_s={self.kill_grace_s}",
+            f"nvidia_smi={self.nvidia_smi}",
+            *self.extra_lines,
+        ]
+        self.config.write_text("# written by test_prestart.py\n" + "\n".join(lines) + "\n")
+        self.config.chmod(0o644)
+        return self.config
+
+    def run(self, env: dict[str, str] | None = None) -> GuardRun:
+        self.write_config()
+        proc = subprocess.run(
+            ["/bin/bash", str(SCRIPT), str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})},
+            check=False,
+        )
+        return GuardRun(proc.returncode, proc.stdout + proc.stderr)
+
+
+def _make_user(prefix: str) -> str:
+    name = f"{prefix}{uuid.uuid4().hex[:6]}"
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+    )
+    return name
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[dict[str, str]]:
+    made = {"service": _make_user("sgsvc"), "other": _make_user("sgoth")}
+    yield made
+    for name in made.values():
+        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+        subprocess.run(["userdel", name], check=False)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """World-traversable scratch dir: the service user must be able to reach model dirs in it."""
+    path = Path("/tmp") / f"sgtest-{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    yield path
+    mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounted if m.startswith(f"{path}/")), key=len, reverse=True):
+        subprocess.run(["umount", mount], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _mount_tmpfs(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "sgtest", str(path)], check=True)
+    return path
+
+
+@pytest.fixture
+def model_store(workdir: Path) -> Path:
+    """A mounted model store holding one model folder, like /mnt/models on a node."""
+    store = _mount_tmpfs(workdir / "models")
+    model = store / "tiny-exl3"
+    model.mkdir(mode=0o755)
+    (model / "config.json").write_text('{"num_hidden_layers": 2}')
+    (model / "config.json").chmod(0o644)
+    return store
+
+
+@pytest.fixture
+def guard(workdir: Path, users: dict[str, str], model_store: Path) -> Guard:
+    return Guard(workdir=workdir, user=users["service"], ports=[_free_port()], model_dirs=[model_store])
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _spawn(
+    processes: list[subprocess.Popen[str]], user: str, port: int, host: str = "127.0.0.1", mode: str = "normal"
+) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", LISTENER, host, str(port), mode],
+        user=user if user != "root" else None,
+        group=pwd.getpwnam(user).pw_gid if user != "root" else None,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    processes.append(proc)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", "listener did not start"
+    return proc
+
+
+def _running(proc: subprocess.Popen[str]) -> bool:
+    """True while the process exists and is not a zombie (the guard cannot reap our children)."""
+    try:
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _port_held(port: int, host: str = "127.0.0.1") -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def test_clean_start_logs_every_check(guard: Guard) -> None:
+    result = guard.run()
+    assert result.returncode == 0, result.output
+    out = result.output
+    assert f"port {guard.ports[0]} is free" in out
+    assert "GPU process and VRAM checks skipped" in out
+    assert f"model directory {guard.model_dirs[0]} is on the mount {guard.model_dirs[0]}" in out
+    assert "may start" in out
+    assert all(line.startswith("service-guard[sgtest.service]: ") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_orphan_of_service_user_is_stopped(guard: Guard, users, processes, host: str) -> None:
+    guard.ports = [_free_port(host)]
+    orphan = _spawn(processes, users["service"], guard.ports[0], host=host)
+    result = guard.run()
+    assert result.returncode == 0, result.output
+    assert not _running(orphan)
+    assert orphan.wait(timeout=5) == -signal.SIGTERM
+    assert not _port_held(guard.ports[0], host)
+    assert f"stopping leftover PID {orphan.pid} of user {users['service']} (port {guard.ports[0]})" in result.output
+    assert f"PID {orphan.pid} exited after SIGTERM" in result.output
+
+
+def test_orphan_ignoring_sigterm_is_killed_after_grace(guard: Guard, users, processes) -> None:
+    guard.kill_grace_s = 1
+    orphan = _spawn(processes, users["service"], guard.ports[0], mode="ignore-term")
+    started = time.monotonic()
+    result = guard.run()
+    assert result.returncode == 0, result.output
+    assert time.monotonic() - started >= 1
+    assert orphan.wait(timeout=5) == -signal.SIGKILL
+    assert "still running 1s after SIGTERM: sending SIGKILL" in result.output
+
+
+@pytest.mark.parametrize("holder", ["other", "root"])
+def test_foreign_holder_fails_the_start_and_is_untouched(guard: Guard, users, processes, holder: str) -> None:
+    user = users.get(holder, holder)
+    foreign = _spawn(processes, user, guard.ports[0])
+    result = guard.run()
+    assert result.returncode == 1, result.output
+    assert _running(foreign), "the guard must not touch another user's process"
+    assert _port_held(guard.ports[0])
+    [refusal] = [line for line in result.lines("error") if f"PID {foreign.pid}" in line]
+    assert f"port {guard.ports[0]} is held by PID {foreign.pid} of user {user}" in refusal
+    assert "/usr/bin/python3 -c" in refusal, "the refusal names the command"
+    assert "Not touching it" in refusal
+    assert "start of sgtest.service refused: 1 problem(s)" in result.output
+
+
+def test_mixed_holders_only_own_leftover_is_stopped(guard: Guard, users, processes) -> None:
+    guard.ports = [_free_port(), _free_port()]
+    own = _spawn(processes, users["service"], guard.ports[0])
+    foreign = _spawn(processes, users["other"], guard.ports[1])
+    result = guard.run()
+    assert result.returncode == 1, result.output
+    assert not _running(own)
+    assert _running(foreign)
+
+
+def test_every_problem_is_reported_in_one_run(guard: Guard, users, processes, workdir: Path) -> None:
+    _spawn(processes, users["other"], guard.ports[0])
+    guard.model_dirs = [workdir / "no-such-models"]
+    result = guard.run()
+    assert result.returncode == 1
+    assert len(result.lines("error")) == 3, result.output
+    assert "refused: 2 problem(s)" in result.output
+
+
+def test_missing_model_dir_fails_clearly(guard: Guard, workdir: Path) -> None:
+    missing = workdir / "models" / "not-downloaded"
+    guard.model_dirs = [missing]
+    result = guard.run()
+    assert result.returncode == 1
+    assert f"model directory {missing} does not exist" in result.output
+
+
+def test_model_dir_on_root_filesystem_needs_a_mount(guard: Guard, workdir: Path) -> None:
+    unmounted = workdir / "plain"
+    (unmounted / "m").mkdir(parents=True)
+    unmounted.chmod(0o755)
+    guard.model_dirs = [unmounted]
+    refused = guard.run()
+    assert refused.returncode == 1
+    assert "not on a mounted model store" in refused.output
+
+    guard.require_mountpoint = False
+    assert guard.run().returncode == 0
+
+
+def test_empty_mounted_store_is_refused(guard: Guard, workdir: Path) -> None:
+    guard.model_dirs = [_mount_tmpfs(workdir / "empty-store")]
+    result = guard.run()
+    assert result.returncode == 1
+    assert "is empty" in result.output
+
+
+def test_declared_mount_must_be_mounted(guard: Guard, workdir: Path, model_store: Path) -> None:
+    guard.model_mount = str(model_store)
+    guard.model_dirs = [model_store / "tiny-exl3"]
+    ok = guard.run()
+    assert ok.returncode == 0, ok.output
+    assert f"is on the mounted store {model_store}" in ok.output
+
+    subprocess.run(["umount", str(model_store)], check=True)
+    (model_store / "tiny-exl3").mkdir()
+    (model_store / "tiny-exl3" / "stale").write_text("left on the root fs")
+    result = guard.run()
+    assert result.returncode == 1
+    assert f"declared model mount {model_store} is not mounted" in result.output
+
+
+def test_model_dir_unreadable_by_service_user(guard: Guard, model_store: Path) -> None:
+    model_store.chmod(0o700)
+    result = guard.run()
+    assert result.returncode == 1
+    assert f"not readable by {guard.user}" in result.output
+
+
+def test_vram_minimum_without_nvidia_smi_fails(guard: Guard) -> None:
+    guard.min_free_vram_mib = 1024
+    result = guard.run()
+    assert result.returncode == 1
+    assert "needs 1024 MiB free VRAM but 'nvidia-smi-absent-on-purpose' is not installed" in result.output
+
+
+@pytest.fixture
+def fake_gpu(guard: Guard, workdir: Path):
+    """Installs the emulated nvidia-smi and returns a function that sets its state."""
+    tool = workdir / "gpu" / "nvidia-smi"
+    tool.parent.mkdir()
+    tool.write_text(FAKE_NVIDIA_SMI)
+    tool.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    guard.nvidia_smi = str(tool)
+
+    def set_state(gpus: list[dict], apps: list[dict]) -> None:
+        (tool.parent / "state.json").write_text(json.dumps({"gpus": gpus, "apps": apps}))
+
+    return set_state
+
+
+def test_gpu_leftover_of_service_user_is_stopped_and_vram_rechecked(guard: Guard, users, processes, fake_gpu) -> None:
+    leftover = _spawn(processes, users["service"], _free_port())
+    foreign = _spawn(processes, users["other"], _free_port())
+    fake_gpu(
+        gpus=[{"index": 0, "free": 1000}, {"index": 1, "free": 500}],
+        apps=[{"gpu": 0, "pid": leftover.pid, "used": 20000}, {"gpu": 1, "pid": foreign.pid, "used": 3000}],
+    )
+    guard.min_free_vram_mib = 20000
+    guard.gpus = [0]
+    result = guard.run()
+    assert result.returncode == 0, result.output
+    assert not _running(leftover)
+    assert _running(foreign), "GPU processes of other users are not the guard's business"
+    assert f"stopping leftover PID {leftover.pid} of user {users['service']} (GPU memory (20000 MiB))" in result.output
+    assert "free VRAM 21000 MiB >= required 20000 MiB" in result.output
+
+
+def test_insufficient_vram_fails(guard: Guard, users, processes, fake_gpu) -> None:
+    foreign = _spawn(processes, users["other"], _free_port())
+    fake_gpu(
+        gpus=[{"index": 0, "free": 800}, {"index": 1, "free": 900}], apps=[{"gpu": 1, "pid": foreign.pid, "used": 1}]
+    )
+    guard.min_free_vram_mib = 2000
+    guard.kill_grace_s = 1
+    result = guard.run()
+    assert result.returncode == 1
+    assert "free VRAM 1700 MiB < required 2000 MiB on GPU(s) all" in result.output
+    assert _running(foreign)
+
+
+def test_journal_priority_prefix_under_systemd(guard: Guard) -> None:
+    result = guard.run(env={"JOURNAL_STREAM": "8:12345"})
+    assert result.returncode == 0
+    assert all(line.startswith("<6>service-guard[") for line in result.output.splitlines())
+    guard.model_dirs = [Path("/nonexistent-models")]
+    refused = guard.run(env={"JOURNAL_STREAM": "8:12345"})
+    assert any(line.startswith("<3>service-guard[") for line in refused.output.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("colour=blue", "unknown key 'colour'"),
+        ("port=70000", "port '70000' is not a TCP port number"),
+        ("kill_grace_s=soon", "kill_grace_s 'soon' is not a whole number"),
+        ("require_mountpoint=yes", "require_mountpoint must be true or false"),
+        ("gibberish", "'gibberish' is not key=value"),
+    ],
+)
+def test_bad_config_is_a_configuration_error(guard: Guard, line: str, message: str) -> None:
+    guard.extra_lines = [line]
+    result = guard.run()
+    assert result.returncode == 2
+    assert message in result.output
+
+
+def test_unknown_user_is_a_configuration_error(guard: Guard) -> None:
+    guard.user = "no-such-user-sgtest"
+    result = guard.run()
+    assert result.returncode == 2
+    assert "service user 'no-such-user-sgtest' does not exist" in result.output
+
+
+def test_config_writable_by_others_is_rejected(guard: Guard) -> None:
+    guard.write_config()
+    guard.config.chmod(0o666)
+    proc = subprocess.run(["/bin/bash", str(SCRIPT), str(guard.config)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "must be owned by root and not group/other-writable" in proc.stdout
+
+
+def test_refuses_to_run_unprivileged(guard: Guard, workdir: Path) -> None:
+    guard.write_config()
+    script_copy = workdir / "prestart"
+    shutil.copy(SCRIPT, script_copy)
+    script_copy.chmod(0o755)
+    proc = subprocess.run(
+        ["/bin/bash", str(script_copy), str(guard.config)],
+        user=guard.user,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
+    assert proc.returncode == 2
+    assert "must run as root" in proc.stdout
