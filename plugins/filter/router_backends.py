@@ -10,58 +10,7 @@ from typing import Any
 
 from ansible.errors import AnsibleFilterError
 
-DOCUMENTATION = r"""
-name: router_backends
-short_description: The model router's backends, derived from the backend roles' variables of one host
-version_added: 0.1.0
-description:
-  - Reads the variables the backend roles of one host are configured with and returns the router's C(backends),
-    so a model is declared once (in the backend role) and never again for the router.
-  - 'C(llamacpp_instances), C(vllm_instances), C(sglang_instances): one backend per instance that is not
-    C(state: stopped), named C(<role>-<name>), unit C(<role>@<name>.service), URL C(http://127.0.0.1:<port>);
-    the model id is the instance''s C(served_model_name), else its C(name) (the id LiteLLM''s
-    C(litellm_model_list) uses too).'
-  - C(tabbyapi_model_name) or C(tabbyapi_model_path) (folder basename is the id) with C(tabbyapi_port), unit
-    C(tabbyapi.service); C(ollama_models) with C(ollama_port), unit C(ollama.service).
-  - 'Router-only settings come, in this order, from the instance (C(aliases), C(vram_mib), C(router_group)), from
-    O(settings) keyed by backend name (C(group), C(co_reside), C(ready_timeout_s), C(stop_timeout_s),
-    C(request_timeout_s), C(aliases), C(vram_mib)), from C(cuda_visible_devices) (group C(gpu0) for C("0"),
-    C(gpu0-1) for C("0,1")), else O(default_group).'
-  - Secrets (C(api_key), C(admin_key)) are returned in the backend so the role can write them to 0600 files;
-    never log the result.
-positional: default_group, settings
-options:
-  _input:
-    description: The host's variables (C(hostvars[host]), or a dict of the backend variables a role sees).
-    type: dict
-    required: true
-  default_group:
-    description: GPU group of backends that name none.
-    type: str
-    default: gpu0
-  settings:
-    description: Router-only settings per backend name.
-    type: dict
-    default: {}
-"""
-
-EXAMPLES = r"""
-- name: Derive the router's backends
-  ansible.builtin.set_fact:
-    _router_backends: >-
-      {{ {'llamacpp_instances': llamacpp_instances | default([])}
-         | llmstack.inference.router_backends('cpu', router_backend_settings) }}
-"""
-
-RETURN = r"""
-_value:
-  description:
-    - One dict per backend, sorted by name, with C(name), C(engine), C(group), C(gpus), C(url), C(unit), C(models)
-      (each C(id), C(served_name), C(aliases), optional C(vram_mib)), C(api_key), C(admin_key) and the router-only
-      settings that were given.
-  type: list
-  elements: dict
-"""
+# Documentation: router_backends.yml, router_config.yml, router_key_files.yml (one file per filter).
 
 INSTANCE_ROLES = ("llamacpp", "vllm", "sglang")
 SETTING_KEYS = ("co_reside", "ready_timeout_s", "stop_timeout_s", "request_timeout_s")
@@ -125,11 +74,13 @@ def _instances(hv: Mapping[str, Any], role: str, default_group: str, settings: M
         except (KeyError, TypeError, ValueError) as exc:
             raise AnsibleFilterError(f"{where}.port must be an integer ({exc})") from exc
         backend_name = f"{role}-{name}"
-        model_id = str(instance.get("served_model_name") or name)
+        model_id = str(instance.get("served_model_name") or instance.get("alias") or name)
         own = settings.get(backend_name) or {}
         models = [_model(model_id, model_id, instance, own)]
+        # llamacpp has one key for every instance (llamacpp_api_key); vllm/sglang one per instance.
+        source = {**instance, "api_key": instance.get("api_key") or hv.get(f"{role}_api_key") or ""}
         backends.append(_backend(backend_name, role, f"http://127.0.0.1:{port}", f"{role}@{name}.service",
-                                 models, instance, default_group, settings))
+                                 models, source, default_group, settings))
     return backends
 
 

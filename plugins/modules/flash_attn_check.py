@@ -247,11 +247,11 @@ source_build:
     needs: nvcc from a CUDA toolkit >= 12.8 for Blackwell (>= 11.7 otherwise) matching torch's CUDA major
 """
 
-import json  # noqa: E402
-import os  # noqa: E402
+import json
+import os
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible_collections.llmstack.inference.plugins.module_utils import _flash_attn as fa  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llmstack.inference.plugins.module_utils import _flash_attn as fa
 
 
 def run_probe(module: AnsibleModule) -> dict:

@@ -195,10 +195,10 @@ ansible_facts:
       sample: nvidia-smi was not found on this host (no NVIDIA driver installed)
 """
 
-import os  # noqa: E402
+import os
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible_collections.llmstack.inference.plugins.module_utils import _nvidia_smi as smi  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llmstack.inference.plugins.module_utils import _nvidia_smi as smi
 
 
 class GpuFacts:
@@ -253,13 +253,13 @@ class GpuFacts:
 
     def versions(self, binary: str, gpus: list[dict]) -> tuple[str | None, str | None]:
         # `-q -d COMPUTE` keeps the output short; its header carries both versions.
-        rc, out, _ = self.run(binary, "-q", "-d", "COMPUTE")
+        rc, out, _err = self.run(binary, "-q", "-d", "COMPUTE")
         cuda = smi.parse_cuda_version(out) if rc == 0 else None
         driver = next((gpu["driver_version"] for gpu in gpus if gpu["driver_version"]), None)
         if driver is None and rc == 0:
             driver = smi.parse_driver_version(out)
         if cuda is None:
-            rc, out, _ = self.run(binary)
+            rc, out, _err = self.run(binary)
             cuda = smi.parse_cuda_version(out) if rc == 0 else None
         return driver, cuda
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -151,7 +152,7 @@ async def wait_http(url: str, timeout_s: float, headers: dict[str, str] | None =
 
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def one_request(client: aiohttp.ClientSession, url: str, model: str, headers: dict[str, str],
@@ -190,7 +191,7 @@ async def stream_once(client: aiohttp.ClientSession, url: str, model: str, heade
         async for line in resp.content:
             if line.startswith(b"data:"):
                 arrivals.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return arrivals[0] - began, gaps
 
 
@@ -207,37 +208,51 @@ async def stream_batch(url: str, model: str, headers: dict[str, str], count: int
     return ttft, gaps
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process, so CPU per request can be shown next to contended latencies."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def compare(targets: dict[str, tuple[str, str, dict[str, str]]], label: str, count: int, concurrency: int,
                   extra: dict[str, Any], rounds: int = 3) -> dict[str, list[float]]:
     """Interleave targets over rounds so that drifting background load hits all of them alike."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
+    cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
     for _ in range(rounds):
         for name, (url, model, headers) in targets.items():
+            before = cpu_seconds(PIDS.get(name))
             samples[name] += await batch(url, model, headers, count // rounds, concurrency, extra)
-    report(label, samples)
+            cpu[name] += cpu_seconds(PIDS.get(name)) - before
+    report(label, samples, {name: cpu[name] / len(samples[name]) for name in targets if name in PIDS})
     return samples
 
 
-def report(label: str, samples: dict[str, list[float]]) -> None:
+def report(label: str, samples: dict[str, list[float]], cpu_per_request: dict[str, float]) -> None:
     direct = samples["direct"]
     d50, d99 = pct(direct, 0.5), pct(direct, 0.99)
     print(f"\n{label}  (n={len(direct)} per target)")
-    print(f"  {'target':8} {'p50 ms':>9} {'p99 ms':>9} {'added p50':>10} {'added p99':>10}")
+    print(f"  {'target':8} {'p50 ms':>9} {'p99 ms':>9} {'added p50':>10} {'added p99':>10} {'proxy CPU/req':>14}")
     added = {}
     for name, values in samples.items():
         p50, p99 = pct(values, 0.5), pct(values, 0.99)
         added[name] = (p50 - d50, p99 - d99)
         extra = "" if name == "direct" else f"{(p50 - d50) * 1e3:10.3f} {(p99 - d99) * 1e3:10.3f}"
-        print(f"  {name:8} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f} {extra}")
+        cpu = f"{cpu_per_request[name] * 1e6:11.0f} us" if name in cpu_per_request else ""
+        print(f"  {name:8} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f} {extra} {cpu}")
     if "litellm" in added and "router" in added:
         r50, r99 = added["router"]
         l50, l99 = added["litellm"]
         print(f"  router added / litellm added: p50 {r50 / l50 if l50 else float('nan'):.3f}, "
               f"p99 {r99 / l99 if l99 else float('nan'):.3f}")
-    RESULTS[label] = {name: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3, "n": len(v)}
+    RESULTS[label] = {name: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3, "n": len(v),
+                             "cpu_us_per_request": cpu_per_request.get(name, 0.0) * 1e6}
                       for name, v in samples.items()}
 
 
+PIDS: dict[str, int] = {}
 RESULTS: dict[str, Any] = {}
 
 
@@ -254,6 +269,56 @@ async def streams(targets: dict[str, tuple[str, str, dict[str, str]]], label: st
         print(f"  {name:8} {row['ttft_p50_ms']:9.3f} {row['ttft_p99_ms']:9.3f} {row['gap_p50_ms']:9.3f} "
               f"{row['gap_p99_ms']:9.3f}")
     RESULTS[label] = out
+
+
+async def client_choice(port: int, count: int) -> None:
+    """Why the router forwards with its own HTTP/1.1 client: CPU per request of each candidate."""
+    sys.path.insert(0, str(ROOT / "router" / "src"))
+    from llmstack_router.upstream import Upstream
+
+    body = json.dumps({"model": "fake", **CHAT}).encode()
+    headers = {"Content-Type": "application/json"}
+    url = f"http://127.0.0.1:{port}"
+
+    async def with_aiohttp() -> None:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            for _ in range(count):
+                async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as resp:
+                    await resp.read()
+
+    async def with_builtin() -> None:
+        upstream = Upstream(url)
+        for _ in range(count):
+            await (await upstream.post("/v1/chat/completions", body, headers, 30)).read()
+        upstream.close()
+
+    print(f"\nforwarding client candidates, {count} sequential requests to the fast upstream, 3 rounds")
+    out: dict[str, list[float]] = {"aiohttp": [], "builtin": []}
+    for _ in range(3):
+        for name, run in (("aiohttp", with_aiohttp), ("builtin", with_builtin)):
+            before = cpu_seconds(os.getpid())
+            await run()
+            out[name].append((cpu_seconds(os.getpid()) - before) / count)
+    for name, values in out.items():
+        print(f"  {name:8} CPU per request: min {min(values) * 1e6:.0f} us, "
+              f"median {statistics.median(values) * 1e6:.0f} us")
+    RESULTS["client_choice_cpu_us"] = {name: min(values) * 1e6 for name, values in out.items()}
+
+
+def _record_once(times: list[float]) -> None:
+    if not times:
+        times.append(time.time())
+
+
+def _pid_listening_on(port: int) -> int | None:
+    needle = f"--serve-fake\0--port\0{port}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+    return None
 
 
 async def swap_overhead(workdir: Path, swaps: int) -> None:
@@ -275,28 +340,40 @@ async def swap_overhead(workdir: Path, swaps: int) -> None:
     url = f"http://127.0.0.1:{router_port}"
     headers = {"Authorization": f"Bearer {KEY}"}
     rows = []
+    loop = asyncio.get_running_loop()
     try:
         await wait_http(url + "/health", 30)
         async with aiohttp.ClientSession() as client:
             for index in range(swaps + 1):
-                name = "ab"[index % 2]
+                name, old = "ab"[index % 2], "ab"[(index + 1) % 2]
                 for suffix in (".ready", ".stop"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(stamps[name] + suffix)
+                # The old engine's real exit (interpreter teardown included) is the backend's time:
+                # a pidfd turns readable the instant the kernel marks the process dead.
+                exited: list[float] = []
+                old_pid = _pid_listening_on(port_a if old == "a" else port_b) if index else None
+                pidfd = os.pidfd_open(old_pid) if old_pid else None
+                if pidfd is not None:
+                    loop.add_reader(pidfd, _record_once, exited)
                 total = await one_request(client, url, f"m{name}", headers, {})
                 direct = await one_request(client, url, f"m{name}", headers, {})  # now loaded: plain hop
+                if pidfd is not None:
+                    loop.remove_reader(pidfd)
+                    os.close(pidfd)
                 async with client.get(url + "/status", headers=headers) as resp:
                     record = (await resp.json())["groups"][0]["last_swaps"][-1]
                 if index == 0:
                     continue  # the first load has nothing to stop
                 ready_at = float(Path(stamps[name] + ".ready").read_text())
-                term_at, exited_at = json.loads(Path(stamps["ab"[(index + 1) % 2]] + ".stop").read_text())
+                term_at, _ = json.loads(Path(stamps[old] + ".stop").read_text())
                 backend_start = ready_at - record["start_called_at"]
-                backend_stop = exited_at - term_at
+                backend_stop = exited[0] - term_at
                 router_own = total - direct - backend_start - backend_stop
                 rows.append({"client_total_s": total, "backend_start_s": backend_start,
                              "backend_stop_s": backend_stop, "router_own_s": router_own,
-                             "router_stop_wait_s": record["stop_s"], "ready_detect_lag_s": record["ready_at"] - ready_at})
+                             "router_stop_wait_s": record["stop_s"],
+                             "ready_detect_lag_s": record["ready_at"] - ready_at})
     finally:
         procs.stop_all()
     own = [r["router_own_s"] for r in rows]
@@ -338,8 +415,8 @@ async def run(args: argparse.Namespace) -> None:
         await wait_http(f"http://127.0.0.1:{fake_port}/health", 30)
         if use_llama:
             await wait_http(f"http://127.0.0.1:{llama_port}/v1/models", 120)
-        procs.start("router", [sys.executable, "-m", "llmstack_router.cli", "--config", str(workdir / "router.yml")],
-                    env)
+        PIDS["router"] = procs.start("router", [sys.executable, "-m", "llmstack_router.cli", "--config",
+                                                str(workdir / "router.yml")], env).pid
         await wait_http(f"http://127.0.0.1:{router_port}/health", 30)
         if use_litellm:
             model_list = [{"model_name": "fake", "litellm_params": {
@@ -353,8 +430,9 @@ async def run(args: argparse.Namespace) -> None:
             litellm_env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")}
             litellm_env |= {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_PROXY": "127.0.0.1,localhost",
                             "LITELLM_LOG": "ERROR"}
-            procs.start("litellm", [args.litellm, "--config", str(workdir / "litellm.yml"), "--host", "127.0.0.1",
-                                    "--port", str(litellm_port), "--num_workers", "1"], litellm_env)
+            litellm_argv = [args.litellm, "--config", str(workdir / "litellm.yml"), "--host", "127.0.0.1",
+                            "--port", str(litellm_port), "--num_workers", "1"]
+            PIDS["litellm"] = procs.start("litellm", litellm_argv, litellm_env).pid
             await wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", 180)
         router_headers = {"Authorization": f"Bearer {KEY}"}
         fast = {"direct": (f"http://127.0.0.1:{fake_port}", "fake", {}),
@@ -365,6 +443,7 @@ async def run(args: argparse.Namespace) -> None:
         await compare(fast, "fast upstream, non-streaming, concurrency 32", args.requests * 2, 32, {})
         await streams(fast, f"fast upstream, streaming {args.chunks} chunks every {args.chunk_delay * 1e3:.0f} ms",
                       args.streams, {})
+        await client_choice(fake_port, args.requests)
         if use_llama:
             llama = {"direct": (f"http://127.0.0.1:{llama_port}", "smol", {}),
                      "router": (f"http://127.0.0.1:{router_port}", "smol", router_headers)}

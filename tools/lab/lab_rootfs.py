@@ -22,9 +22,7 @@ from lab_common import LabError, cache_dir, locked, log, require_tools
 from lab_system import unmount_all
 
 SUITE = "bookworm"
-
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 
 # What every lab host has before any role runs: systemd + sshd + what Ansible modules need

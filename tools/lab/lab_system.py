@@ -15,16 +15,12 @@ from pathlib import Path
 from lab_common import lab_dir, run
 
 SUBNET = ipaddress.IPv4Network("198.18.0.0/24")
-
 CONTROLLER_ADDRESS = "198.18.0.1"
-
 BRIDGE = "llmlab0"
-
 NETNS_PREFIX = "llmlab-"
-
 VETH_PREFIX = "llv"
-
 NFT_TABLE = "llmstack_lab"
+CGROUP_PARENT = "llmlab"
 
 
 def uplink_mtu() -> int:
@@ -83,12 +79,24 @@ def remove_bridge() -> None:
         saved.unlink()
 
 
+def host_mac(address: str) -> str:
+    """A fixed, locally administered MAC per lab address.
+
+    A random MAC per boot leaves the previous host's entry in the controller's and the other hosts' ARP
+    caches, and a host re-using the address is unreachable for up to ~40 s.
+    """
+    packed = ipaddress.IPv4Address(address).packed
+    return "02:4c:4c:{:02x}:{:02x}:{:02x}".format(*packed[1:])
+
+
 def plumb_host_network(netns: str, veth: str, address: str) -> None:
     """veth pair: `veth` on the bridge, its peer as eth0 with `address` inside `netns`."""
     mtu = str(uplink_mtu())
     peer = f"{veth}c"
     run(["ip", "netns", "add", netns])
     run(["ip", "link", "add", veth, "mtu", mtu, "type", "veth", "peer", "name", peer, "mtu", mtu])
+    run(["ip", "link", "set", peer, "address", host_mac(address)])
+    run(["ip", "neigh", "flush", "to", address, "dev", BRIDGE], check=False, quiet=True)
     run(["ip", "link", "set", peer, "netns", netns])
     run(["ip", "-n", netns, "link", "set", peer, "name", "eth0"])
     run(["ip", "-n", netns, "addr", "add", f"{address}/{SUBNET.prefixlen}", "dev", "eth0"])
@@ -172,4 +180,62 @@ def lab_links() -> list[str]:
     net = Path("/sys/class/net")
     return sorted(
         link.name for link in net.iterdir() if link.name == BRIDGE or re.fullmatch(rf"{VETH_PREFIX}\d+", link.name)
+    )
+
+
+def cgroup_roots() -> list[Path]:
+    """The cgroup hierarchies systemd (and so nspawn) keeps its tree in: name=systemd and/or cgroup2."""
+    hybrid_or_legacy = [
+        root for root in (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified")) if root.is_dir()
+    ]
+    if hybrid_or_legacy:
+        return hybrid_or_legacy
+    return [Path("/sys/fs/cgroup")] if Path("/sys/fs/cgroup/cgroup.procs").exists() else []
+
+
+def host_cgroups(name: str) -> list[Path]:
+    """One cgroup per host, so that no two hosts' systemd share a unit's cgroup.
+
+    nspawn with --keep-unit puts the container's tree under the caller's cgroup; started from the same
+    cgroup, every host's ssh.service (and every other unit) would share one directory, and systemd in one
+    host would wait on, or count, processes of another.
+    """
+    return [root / CGROUP_PARENT / name for root in cgroup_roots()]
+
+
+def remove_cgroup_tree(top: Path) -> None:
+    """rmdir bottom-up: cgroup directories hold only virtual files and go once their processes are gone."""
+    if not top.is_dir():
+        return
+    for directory, _subdirs, _files in sorted(os.walk(top, topdown=False), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            Path(directory).rmdir()
+    with contextlib.suppress(OSError):
+        top.parent.rmdir()
+
+
+def kill_cgroup(group: Path) -> None:
+    """cgroup2's cgroup.kill SIGKILLs every process in the subtree, whatever namespace it sits in."""
+    kill_file = group / "cgroup.kill"
+    if kill_file.exists():
+        with contextlib.suppress(OSError):
+            kill_file.write_text("1", encoding="utf-8")
+
+
+def cgroup_pids(group: Path) -> list[int]:
+    pids: list[int] = []
+    for directory, _subdirs, _files in os.walk(group) if group.is_dir() else []:
+        with contextlib.suppress(OSError):
+            text = (Path(directory) / "cgroup.procs").read_text(encoding="utf-8")
+            pids += [int(pid) for pid in text.split()]
+    return pids
+
+
+def lab_cgroups() -> list[Path]:
+    return sorted(
+        group
+        for root in cgroup_roots()
+        if (root / CGROUP_PARENT).is_dir()
+        for group in (root / CGROUP_PARENT).iterdir()
+        if group.is_dir()
     )

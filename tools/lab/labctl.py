@@ -13,6 +13,8 @@ the outside through NAT on the controller. Everything lives under `$LLMSTACK_CAC
 `<repo>/.cache`): `rootfs/<recipe-hash>/` and `lab/state/<name>/`.
 
 Needs root and the Debian packages: debootstrap systemd-container iproute2 nftables openssh-client.
+Modules: lab_rootfs (the cached tree), lab_system (bridge, NAT, namespaces, processes, mounts, cgroups),
+lab_common (paths, locks, errors); this file holds the host lifecycle and the command line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -38,10 +41,15 @@ from lab_system import (
     NFT_TABLE,
     SUBNET,
     VETH_PREFIX,
+    cgroup_pids,
+    cgroup_roots,
     cmdline,
     descendants,
     ensure_bridge,
+    host_cgroups,
     kill_all,
+    kill_cgroup,
+    lab_cgroups,
     lab_links,
     link_exists,
     mounts_under,
@@ -50,22 +58,17 @@ from lab_system import (
     plumb_host_network,
     process_table,
     remove_bridge,
+    remove_cgroup_tree,
     unmount_all,
     wait_gone,
 )
 
 FIRST_INDEX = 1
-
 LAST_INDEX = 200
-
 SSH_PORT = 22
-
 SSH_USER = "root"
-
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
 BOOT_TIMEOUT_S = 120.0
-
 STOP_TIMEOUT_S = 10.0
 
 
@@ -173,6 +176,13 @@ def stop_container(state: HostState) -> None:
         stray = netns_pids(state.netns)
         kill_all(stray)
         wait_gone(stray, 5.0)
+    for group in host_cgroups(state.name):
+        remaining = cgroup_pids(group)
+        if remaining:
+            kill_cgroup(group)
+            kill_all(remaining)
+            wait_gone(remaining, 5.0)
+        remove_cgroup_tree(group)
 
 
 def rootfs_for_hosts() -> Path:
@@ -240,6 +250,17 @@ def prepare_overlay(state: HostState, public_key: str) -> None:
     )
 
 
+def resolv_conf_mode() -> str:
+    """A controller behind systemd-resolved's 127.0.0.53 stub must hand hosts its uplink servers instead."""
+    try:
+        lines = Path("/etc/resolv.conf").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    servers = [line.split()[1] for line in lines if line.startswith("nameserver") and len(line.split()) > 1]
+    only_loopback = bool(servers) and all(server.startswith("127.") for server in servers)
+    return "copy-uplink" if only_loopback and Path("/run/systemd/resolve/resolv.conf").exists() else "copy-host"
+
+
 def launch(state: HostState) -> subprocess.Popen[bytes]:
     cmd = [
         "systemd-nspawn",
@@ -250,15 +271,28 @@ def launch(state: HostState) -> subprocess.Popen[bytes]:
         "--keep-unit",
         f"--machine={state.hostname}",
         f"--network-namespace-path=/run/netns/{state.netns}",
-        "--resolv-conf=copy-host",
+        f"--resolv-conf={resolv_conf_mode()}",
         "--timezone=copy",
         "--link-journal=no",
         "--console=read-only",
         *[f"--bind-ro={spec}" for spec in state.bind_ro],
     ]
+    groups = host_cgroups(state.name)
+    for group in groups:
+        group.mkdir(parents=True, exist_ok=True)
+
+    def enter_host_cgroups() -> None:
+        for group in groups:
+            (group / "cgroup.procs").write_text(str(os.getpid()), encoding="utf-8")
+
     console = (state.directory / "console.log").open("w")
     process = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=console,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=enter_host_cgroups,
     )
     console.close()
     state.pid = process.pid
@@ -302,12 +336,13 @@ def console_tail(state: HostState) -> str:
     return path.read_text(encoding="utf-8", errors="replace")[-3000:] if path.exists() else "(no console log)"
 
 
-def wait_for_ssh(state: HostState, nspawn: subprocess.Popen[bytes], started: float) -> str:
+def wait_for_ssh(state: HostState, nspawn: subprocess.Popen[bytes], started: float, timings: dict[str, float]) -> str:
     deadline = started + BOOT_TIMEOUT_S
     while time.monotonic() < deadline:
         if nspawn.poll() is not None:
             raise LabError(f"{state.name}: systemd-nspawn exited during boot; console:\n{console_tail(state)}")
         if sshd_banner(state.address):
+            timings.setdefault("sshd_banner", round(time.monotonic() - started, 2))
             # The unit manager may still be starting units; roles expect a settled system.
             settled = ssh_command(state, "timeout 60 systemctl is-system-running --wait")
             if settled.returncode == 255:
@@ -333,10 +368,12 @@ def host_up(name: str, hostname: str, index: int | None, bind_ro: list[str]) -> 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         started = time.monotonic()
+        timings: dict[str, float] = {}
         plumb_host_network(state.netns, state.veth, state.address)
         prepare_overlay(state, public_key)
         nspawn = launch(state)
-        system_state = wait_for_ssh(state, nspawn, started)
+        timings["launched"] = round(time.monotonic() - started, 2)
+        system_state = wait_for_ssh(state, nspawn, started, timings)
         state.phase = "running"
         state.save()
     except BaseException:
@@ -345,6 +382,7 @@ def host_up(name: str, hostname: str, index: int | None, bind_ro: list[str]) -> 
         raise
     described = state.describe()
     described["boot_seconds"] = round(time.monotonic() - started, 2)
+    described["boot_timings"] = timings
     described["system_state"] = system_state
     return described
 
@@ -389,6 +427,14 @@ def sweep_orphans() -> None:
     for link in lab_links():
         if link != BRIDGE:
             run(["ip", "link", "del", link], check=False)
+    for group in lab_cgroups():
+        kill_cgroup(group)
+        kill_all(cgroup_pids(group))
+        wait_gone(cgroup_pids(group), 5.0)
+        remove_cgroup_tree(group)
+    # Hosts booted by labctl before per-host cgroups shared these; they go once empty.
+    for legacy in legacy_shared_cgroups():
+        remove_cgroup_tree(legacy)
     unmount_all(state_dir())
     if state_dir().is_dir():
         for leftover in state_dir().iterdir():
@@ -397,6 +443,10 @@ def sweep_orphans() -> None:
     with lab_lock():
         if not load_states():
             remove_bridge()
+
+
+def legacy_shared_cgroups() -> list[Path]:
+    return [root / name for root in cgroup_roots() for name in ("payload", "supervisor") if (root / name).is_dir()]
 
 
 def lab_processes() -> list[int]:
@@ -413,6 +463,7 @@ def leftovers() -> list[str]:
     found += [f"mount {target}" for target in mounts_under(state_dir())]
     found += [f"netns {ns} (pids {netns_pids(ns)})" for ns in netns_names() if ns.startswith(NETNS_PREFIX)]
     found += [f"link {link}" for link in lab_links()]
+    found += [f"cgroup {group} (pids {cgroup_pids(group)})" for group in lab_cgroups()]
     if run(["nft", "list", "table", "ip", NFT_TABLE], check=False, quiet=True).returncode == 0:
         found.append(f"nft table ip {NFT_TABLE}")
     found += [f"state {state.name} (index {state.index})" for state in load_states()]

@@ -171,21 +171,18 @@ def test_relocated_tarball_fails_naming_the_fix(host) -> None:
     if name_of(host) != "tabby-tarball":
         pytest.skip("runs once, on tabby-tarball")
     result = subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            os.environ["MOLECULE_INVENTORY_FILE"],
-            str(SCENARIO_DIR / "relocated.yml"),
-        ],
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO_DIR / "relocated.yml")],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+        env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"),
     )
-    assert result.returncode != 0, result.stdout
-    assert "The venv was built at another path and moved" in result.stdout
-    assert "/root/TabbyAPI/venv/bin/python" in result.stdout
-    assert "python3 -m venv /tmp/relocated/venv" in result.stdout
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0, output
+    assert "The venv was built at another path and moved" in output
+    assert "/root/TabbyAPI/venv/bin/python" in output
+    assert "python3 -m venv /tmp/relocated/venv" in output
 
 
 # --- model_load and model_probe ------------------------------------------------------------

@@ -21,6 +21,7 @@ from .group import Lane, LoadFailed
 from .logs import request_id
 from .metrics import Gauge, Metrics
 from .scheduler import Phase, QueueFull
+from .upstream import Upstream, UpstreamError
 from .vram import VramProbe, make_probe
 
 log = logging.getLogger("llmstack_router.app")
@@ -31,7 +32,6 @@ ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
 REQUEST_ID = web.RequestKey("request_id", str)
 MODEL_ID = web.RequestKey("model_id", str)
 STATUS = web.RequestKey("status", int)
-_UPSTREAM_BROKEN = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 def openai_error(status: int, message: str, err_type: str, code: str | None = None, param: str | None = None,
@@ -78,6 +78,9 @@ class Router:
         self.lane_of: dict[str, Lane] = {}
         self.session: aiohttp.ClientSession | None = None
         self.started = time.time()
+        self.upstreams = {name: Upstream(b.url) for name, b in config.backends.items()}
+        self._upstream_headers = {name: {"Content-Type": "application/json", **upstream_headers(b)}
+                                  for name, b in config.backends.items()}
         self._api_keys = [k.encode() for k in config.auth.api_keys]
         self._admin_keys = [k.encode() for k in config.auth.admin_keys]
 
@@ -110,6 +113,8 @@ class Router:
     async def stop(self, _app: web.Application | None = None) -> None:
         await asyncio.gather(*(lane.shutdown() for lane in self.lanes), return_exceptions=True)
         kill_all_spawned()
+        for upstream in self.upstreams.values():
+            upstream.close()
         if self.session is not None:
             await self.session.close()
 
@@ -253,61 +258,60 @@ class Router:
 
     async def _forward(self, request: web.Request, lane: Lane, model: ModelSpec, body: bytes, stream: bool,
                        response: web.StreamResponse | None) -> web.StreamResponse:
-        assert self.session is not None
         backend = self.config.backends[model.backend]
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
-                   "X-Request-Id": request[REQUEST_ID], **upstream_headers(backend)}
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=backend.request_timeout_s)
+        headers = self._upstream_headers[backend.name] | {"X-Request-Id": request[REQUEST_ID]}
         began = time.monotonic()
-        upstream: aiohttp.ClientResponse | None = None
         try:
-            async with self.session.post(backend.url + request.path, data=body, headers=headers,
-                                         timeout=timeout) as upstream:
-                self.metrics.upstream_seconds.observe(time.monotonic() - began, model.id)
-                content_type = upstream.headers.get("Content-Type", "application/json")
-                is_sse = stream and upstream.status == 200 and content_type.startswith("text/event-stream")
-                if response is None and not is_sse:
-                    data = await upstream.read()
-                    request[STATUS] = upstream.status
-                    return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
-                if response is None:
-                    response = web.StreamResponse(status=200, headers={
-                        "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-                    await response.prepare(request)
-                request[STATUS] = 200
-                if upstream.status != 200:
-                    detail = (await upstream.read()).decode(errors="replace")[:2000]
-                    await response.write(sse_error(f"upstream answered {upstream.status}: {detail}",
-                                                   "server_error", "upstream_error"))
-                else:
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-                await response.write_eof()
-                return response
-        except _UPSTREAM_BROKEN as exc:
-            lane.upstream_failed(model.id)
-            message = f"backend {backend.name} failed while serving {model.id}: {exc.__class__.__name__}: {exc}"
-            log.warning(message)
-            if response is None or not response.prepared:
-                request[STATUS] = 502
-                return openai_error(502, message, "server_error", "upstream_error")
-            await response.write(sse_error(message, "server_error", "upstream_error"))
+            upstream = await self.upstreams[backend.name].post(request.path, body, headers, backend.request_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            return await self._upstream_failed(request, lane, model, response, exc)
+        self.metrics.upstream_seconds.observe(time.monotonic() - began, model.id)
+        try:
+            content_type = upstream.content_type
+            is_sse = stream and upstream.status == 200 and content_type.startswith("text/event-stream")
+            if response is None and not is_sse:
+                data = await upstream.read()
+                request[STATUS] = upstream.status
+                return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
+            if response is None:
+                response = web.StreamResponse(status=200, headers={
+                    "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                await response.prepare(request)
+            request[STATUS] = 200
+            if upstream.status != 200:
+                detail = (await upstream.read()).decode(errors="replace")[:2000]
+                await response.write(sse_error(f"upstream answered {upstream.status}: {detail}",
+                                               "server_error", "upstream_error"))
+            else:
+                async for chunk in upstream.iter_chunks():
+                    await response.write(chunk)
             await response.write_eof()
             return response
-        except TimeoutError:
-            message = f"backend {backend.name} sent nothing for {backend.request_timeout_s:.0f}s (request_timeout_s)"
-            if response is None or not response.prepared:
-                request[STATUS] = 504
-                return openai_error(504, message, "server_error", "upstream_timeout")
-            await response.write(sse_error(message, "server_error", "upstream_timeout"))
-            await response.write_eof()
-            return response
+        except (UpstreamError, TimeoutError) as exc:
+            return await self._upstream_failed(request, lane, model, response, exc)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client left: drop the upstream connection so the engine stops generating.
-            if upstream is not None:
-                upstream.close()
+            upstream.close()
             request[STATUS] = 499
             raise
+
+    async def _upstream_failed(self, request: web.Request, lane: Lane, model: ModelSpec,
+                               response: web.StreamResponse | None, exc: BaseException) -> web.StreamResponse:
+        backend = self.config.backends[model.backend]
+        if isinstance(exc, TimeoutError):
+            status, code = 504, "upstream_timeout"
+            message = f"backend {backend.name} sent nothing for {backend.request_timeout_s:.0f}s (request_timeout_s)"
+        else:
+            status, code = 502, "upstream_error"
+            message = f"backend {backend.name} failed while serving {model.id}: {exc}"
+            lane.upstream_failed(model.id)
+        log.warning(message)
+        if response is None or not response.prepared:
+            request[STATUS] = status
+            return openai_error(status, message, "server_error", code)
+        await response.write(sse_error(message, "server_error", code))
+        await response.write_eof()
+        return response
 
     # ---- operations routes ---------------------------------------------------------------
 

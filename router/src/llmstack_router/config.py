@@ -94,7 +94,7 @@ class RouterConfig:
     port: int = 8002
     max_body_bytes: int = 4 * 1024 * 1024
     loading_progress_interval_s: float = 5.0
-    ready_poll_interval_s: float = 0.05
+    ready_poll_interval_s: float = 0.025
     log_level: str = "INFO"
     systemctl: tuple[str, ...] = ("systemctl",)
     journalctl: tuple[str, ...] = ("journalctl",)
@@ -394,7 +394,7 @@ def parse_config(data: Any) -> RouterConfig:
         port=port,
         max_body_bytes=top.integer("max_body_bytes", 4 * 1024 * 1024, minimum=1024) or 4 * 1024 * 1024,
         loading_progress_interval_s=top.number("loading_progress_interval_s", 5.0, minimum=0.05),
-        ready_poll_interval_s=top.number("ready_poll_interval_s", 0.05, minimum=0.005),
+        ready_poll_interval_s=top.number("ready_poll_interval_s", 0.025, minimum=0.005),
         log_level=log_level,
         systemctl=systemctl,
         journalctl=journalctl,

@@ -113,3 +113,12 @@ def test_config_errors_name_the_fix(backends, groups, message):
 
 def test_filters_are_registered():
     assert set(FilterModule().filters()) == {"router_backends", "router_config", "router_key_files"}
+
+
+def test_llamacpp_alias_is_the_model_id_and_the_role_key_goes_upstream():
+    node = {"llamacpp_api_key": "llamacpp-key-0123456789",
+            "llamacpp_instances": [{"name": "smollm2", "port": 8080, "alias": "smollm2-135m-instruct",
+                                    "state": "on_demand"}]}
+    (backend,) = router_backends(node, "cpu")
+    assert backend["models"][0]["id"] == "smollm2-135m-instruct"
+    assert backend["api_key"] == "llamacpp-key-0123456789"

@@ -167,7 +167,7 @@ def test_reported_environment_details(tmp_path, capsys):
     python = make_env(
         tmp_path / "venv", devices=(("NVIDIA GeForce RTX 5090", "12.0"), ("NVIDIA GeForce RTX 4090", "8.9"))
     )
-    _, out = run_module(capsys, python=str(python))
+    _code, out = run_module(capsys, python=str(python))
     assert out["torch_version"] == "2.8.0+cu128"
     assert out["torch_cuda_version"] == "12.8"
     assert out["cxx11abi"] is True
@@ -186,7 +186,7 @@ def test_reported_environment_details(tmp_path, capsys):
 
 def test_old_wheel_version_lacks_blackwell_kernels(tmp_path, capsys):
     python = make_env(tmp_path / "venv", torch="2.6.0+cu124", cuda="12.4", abi=False, flash_attn=None)
-    _, out = run_module(capsys, python=str(python), wheel_version="2.7.4.post1")
+    _code, out = run_module(capsys, python=str(python), wheel_version="2.7.4.post1")
     wheel = out["recommended_wheel"]
     assert wheel["filename"].startswith("flash_attn-2.7.4.post1+cu12torch2.6cxx11abiFALSE-")
     assert wheel["has_blackwell_kernels"] is False
@@ -196,7 +196,7 @@ def test_old_wheel_version_lacks_blackwell_kernels(tmp_path, capsys):
 
 def test_blackwell_with_pre_2_8_build_warns_without_kernel_run(tmp_path, capsys):
     python = make_env(tmp_path / "venv", torch="2.6.0+cu124", cuda="12.4", abi=False, flash_attn="2.7.4.post1")
-    _, out = run_module(capsys, python=str(python))
+    _code, out = run_module(capsys, python=str(python))
     assert out["problem"] == "ok"
     # ansible-core 2.19 wraps warnings in structured summaries; older cores give strings.
     assert "run_kernel=true" in json.dumps(out.get("warnings", []))
@@ -204,8 +204,8 @@ def test_blackwell_with_pre_2_8_build_warns_without_kernel_run(tmp_path, capsys)
 
 def test_check_mode_gives_the_same_answer(tmp_path, capsys):
     python = make_env(tmp_path / "venv", flash_attn=None)
-    _, normal = run_module(capsys, python=str(python))
-    _, checked = run_module(capsys, python=str(python), _ansible_check_mode=True)
+    _code, normal = run_module(capsys, python=str(python))
+    _code, checked = run_module(capsys, python=str(python), _ansible_check_mode=True)
     assert checked["problem"] == normal["problem"] == "missing"
     assert checked["recommended_wheel"] == normal["recommended_wheel"]
     assert checked["changed"] is False

@@ -73,7 +73,7 @@ def test_legacy_driver_retries_without_compute_cap(tmp_path, capsys):
 
 def test_mixed_box_keeps_per_gpu_details(tmp_path, capsys):
     smi = install_fake_nvidia_smi(tmp_path / "bin", BOXES["mixed_5090_4090"]["answers"])
-    _, out = run_module(capsys, nvidia_smi_path=str(smi))
+    _code, out = run_module(capsys, nvidia_smi_path=str(smi))
     first, second = out["ansible_facts"]["llmstack_gpus"]
     assert (first["architecture"], first["memory_total_mib"], first["pci_bus_id"]) == (
         "Blackwell",
@@ -131,5 +131,5 @@ def test_require_gpu_fails_with_the_reason(tmp_path, capsys):
 def test_not_executable(tmp_path, capsys):
     smi = install_fake_nvidia_smi(tmp_path / "bin", BOXES["rtx5090"]["answers"])
     smi.chmod(0o644)
-    _, out = run_module(capsys, nvidia_smi_path=str(smi))
+    _code, out = run_module(capsys, nvidia_smi_path=str(smi))
     assert "is not executable" in out["ansible_facts"]["llmstack_gpu_reason"]

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llmstack_router.scheduler import (
     Grant,
     GroupScheduler,

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-
 from llmstack_router.app import ROUTER_KEY, Router, create_app
 from llmstack_router.config import parse_config
 
 API_KEY = "test-api-key-0123456789"
 ADMIN_KEY = "test-admin-key-0123456789"
-FAKE_UPSTREAM = str(Path(__file__).with_name("fake_upstream.py"))
+FAKE_UPSTREAM = str(Path(__file__).with_name("router_fake_upstream.py"))
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

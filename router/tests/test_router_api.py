@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import pytest_asyncio
-from fake_upstream import FakeUpstream
-from helpers import ADMIN, API_KEY, AUTH, RunningRouter, router_config, start_fake, start_router
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from router_fake_upstream import FakeUpstream
+from router_helpers import ADMIN, API_KEY, AUTH, RunningRouter, router_config, start_fake, start_router
 
 pytestmark = pytest.mark.asyncio
 UPSTREAM_KEY = "upstream-key-abcdefghijkl"
@@ -58,10 +58,9 @@ async def test_models_lists_every_configured_model_with_loaded_flag(stack) -> No
 
 async def test_unknown_model_is_404_in_openai_shape_naming_valid_ids(stack) -> None:
     router, _, _ = stack
-    async with aiohttp.ClientSession(headers=AUTH) as client:
-        async with client.post(router.url + "/v1/chat/completions",
-                               json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}) as resp:
-            body = await resp.json()
+    async with aiohttp.ClientSession(headers=AUTH) as client, client.post(router.url + "/v1/chat/completions",
+                           json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}) as resp:
+        body = await resp.json()
     assert resp.status == 404
     assert body["error"]["code"] == "model_not_found"
     assert body["error"]["type"] == "invalid_request_error"
@@ -71,10 +70,10 @@ async def test_unknown_model_is_404_in_openai_shape_naming_valid_ids(stack) -> N
 
 async def test_alias_is_rewritten_and_upstream_gets_its_own_key_and_request_id(stack) -> None:
     router, first, _ = stack
-    async with aiohttp.ClientSession(headers={**AUTH, "X-Request-Id": "abc123"}) as client:
-        async with client.post(router.url + "/v1/completions", json={"model": "smol", "prompt": "hi"}) as resp:
-            body = await resp.json()
-            assert resp.headers["X-Request-Id"] == "abc123"
+    async with aiohttp.ClientSession(headers={**AUTH, "X-Request-Id": "abc123"}) as client, client.post(
+            router.url + "/v1/completions", json={"model": "smol", "prompt": "hi"}) as resp:
+        body = await resp.json()
+        assert resp.headers["X-Request-Id"] == "abc123"
     assert resp.status == 200
     assert body["model"] == "smol-served"
     assert first.auth_headers[-1] == f"Bearer {UPSTREAM_KEY}"  # never the client's router key
@@ -83,9 +82,9 @@ async def test_alias_is_rewritten_and_upstream_gets_its_own_key_and_request_id(s
 
 async def test_embeddings_route_to_the_co_resident_backend(stack) -> None:
     router, first, second = stack
-    async with aiohttp.ClientSession(headers=AUTH) as client:
-        async with client.post(router.url + "/v1/embeddings", json={"model": "other", "input": "x"}) as resp:
-            body = await resp.json()
+    async with aiohttp.ClientSession(headers=AUTH) as client, client.post(
+            router.url + "/v1/embeddings", json={"model": "other", "input": "x"}) as resp:
+        body = await resp.json()
     assert resp.status == 200
     assert body["data"][0]["embedding"] == [0.1, 0.2]
     assert second.requests == 1
@@ -97,13 +96,12 @@ async def test_stream_is_passed_through_chunk_by_chunk(stack) -> None:
     first.chunk_delay_s = 0.15
     arrivals: list[float] = []
     began = time.monotonic()
-    async with aiohttp.ClientSession(headers=AUTH) as client:
-        async with client.post(router.url + "/v1/chat/completions", json={
-                "model": "smollm2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as resp:
-            assert resp.headers["Content-Type"].startswith("text/event-stream")
-            async for line in resp.content:
-                if line.startswith(b"data:"):
-                    arrivals.append(time.monotonic() - began)
+    async with aiohttp.ClientSession(headers=AUTH) as client, client.post(router.url + "/v1/chat/completions", json={
+            "model": "smollm2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        async for line in resp.content:
+            if line.startswith(b"data:"):
+                arrivals.append(time.monotonic() - began)
     assert len(arrivals) == 6  # 5 chunks + [DONE]
     # A buffering proxy would deliver everything at ~0.75 s; pass-through spreads it out.
     assert arrivals[0] < 0.5
@@ -114,10 +112,9 @@ async def test_client_disconnect_mid_stream_cancels_upstream(stack) -> None:
     router, first, _ = stack
     first.chunk_delay_s = 0.2
     first.chunks = 50
-    async with aiohttp.ClientSession(headers=AUTH) as client:
-        async with client.post(router.url + "/v1/chat/completions", json={
-                "model": "smollm2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as resp:
-            await resp.content.readline()
+    async with aiohttp.ClientSession(headers=AUTH) as client, client.post(router.url + "/v1/chat/completions", json={
+            "model": "smollm2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        await resp.content.readline()
         # leaving the block closes the connection mid-stream
     for _ in range(50):
         if first.disconnects:
@@ -143,11 +140,10 @@ async def test_client_disconnect_mid_stream_cancels_upstream(stack) -> None:
 ])
 async def test_keys_guard_their_routes(stack, path: str, headers: dict, status: int) -> None:
     router, _, _ = stack
-    async with aiohttp.ClientSession(headers=headers) as client:
-        async with client.get(router.url + path) as resp:
-            assert resp.status == status
-            if status == 401:
-                assert (await resp.json())["error"]["code"] == "invalid_api_key"
+    async with aiohttp.ClientSession(headers=headers) as client, client.get(router.url + path) as resp:
+        assert resp.status == status
+        if status == 401:
+            assert (await resp.json())["error"]["code"] == "invalid_api_key"
 
 
 async def test_body_over_limit_is_413(stack) -> None:
