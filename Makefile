@@ -8,9 +8,19 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Scenarios in the order CI runs them; cheap proofs of the lab first.
 SCENARIOS ?= lab default tabbyapi router vllm fleet
 
-.PHONY: venv lint sanity units pytest molecule test lab lab-destroy build clean
+.PHONY: deps venv lint sanity units pytest molecule test lab lab-destroy build clean
 
-venv: $(VENV)/.stamp
+# Debian packages a bare Debian 12 machine lacks for the lab (installed only when missing).
+DEB_PACKAGES := debootstrap systemd-container iproute2 nftables openssh-client python3-venv unzip git ca-certificates
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: deps $(VENV)/.stamp
 $(VENV)/.stamp: requirements/controller.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q "$$(grep '^uv==' requirements/controller.txt)"
@@ -36,6 +46,7 @@ pytest: venv
 molecule: venv
 	for s in $(SCENARIOS); do echo "=== molecule test -s $$s"; molecule test -s $$s; done
 
+# check-clean fails the run if any lab process, mount, namespace or link survived the tests.
 test: lint sanity units pytest molecule
 	python3 tools/lab/labctl.py check-clean
 

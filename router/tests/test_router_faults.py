@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from router_helpers import (
     AUTH,
     FAKE_UPSTREAM,
     FakeProbe,
+    fake_command,
     free_port,
     router_config,
     spawned_backend,
@@ -169,7 +171,12 @@ async def test_full_queue_answers_503_with_retry_after() -> None:
         async with aiohttp.ClientSession(headers=AUTH) as client:
             assert (await chat(client, router.url, "model-a"))[0] == 200
             queued = [asyncio.create_task(chat(client, router.url, "model-b")) for _ in range(2)]
-            await asyncio.sleep(0.2)
+            lane = router.router.lane_of["model-b"]
+            for _ in range(200):
+                if lane.core.queue_depth() == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert lane.core.queue_depth() == 2
             async with client.post(router.url + "/v1/chat/completions", json={"model": "model-b", **CHAT}) as resp:
                 assert resp.status == 503
                 assert int(resp.headers["Retry-After"]) >= 1
@@ -340,3 +347,56 @@ def _cmd_has(proc_dir: Path, text: str) -> bool:
         return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+async def test_systemd_unit_mode_swaps_reports_journal_and_adopts_after_restart(tmp_path: Path) -> None:
+    import json
+
+    fake_systemctl = str(Path(__file__).with_name("router_fake_systemctl.py"))
+    ports = {"llamacpp@a.service": free_port(), "llamacpp@b.service": free_port()}
+    for unit, port in ports.items():
+        model = "model-" + unit[-9]
+        (tmp_path / f"{unit}.json").write_text(json.dumps(fake_command(port, model)))
+    (tmp_path / "llamacpp@broken.service.json").write_text(json.dumps(fake_command(free_port(), "x",
+                                                                                    "--exit-at-start", "4")))
+    backends = {
+        unit[-9]: {"engine": "llamacpp", "group": "gpu0", "url": f"http://127.0.0.1:{port}", "unit": unit,
+                   "models": [{"id": "model-" + unit[-9]}]} for unit, port in ports.items()}
+    backends["broken"] = {"engine": "llamacpp", "group": "gpu0", "url": f"http://127.0.0.1:{free_port()}",
+                          "unit": "llamacpp@broken.service", "ready_timeout_s": 10, "models": [{"id": "broken"}]}
+    config = router_config(backends, systemctl=[sys.executable, fake_systemctl, str(tmp_path)],
+                           journalctl=[sys.executable, fake_systemctl, str(tmp_path), "journal"])
+    calls = tmp_path / "calls.log"
+    router = await start_router(config)
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            for model in ("model-a", "model-b"):
+                status, body = await chat(client, router.url, model)
+                assert status == 200, body
+            log = calls.read_text().splitlines()
+            # Before b starts, a is stopped and confirmed gone ("show" after "stop").
+            start_b = log.index("start llamacpp@b.service")
+            assert "stop llamacpp@a.service" in log[:start_b]
+            assert log.index("stop llamacpp@a.service") < max(
+                i for i, line in enumerate(log[:start_b]) if line == "show llamacpp@a.service")
+            status, body = await chat(client, router.url, "broken")
+            assert status == 503
+            assert "unit llamacpp@broken.service is failed" in body["error"]["message"]
+            assert "CUDA out of memory while loading weights (emulated)" in body["error"]["message"]
+            assert "journal llamacpp@broken.service" in calls.read_text()
+            status, _ = await chat(client, router.url, "model-b")
+            assert status == 200
+    finally:
+        await router.close()
+    # Units outlive the router; a new router adopts the running one instead of restarting it.
+    calls.write_text("")
+    router = await start_router(config)
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            assert (await chat(client, router.url, "model-b"))[0] == 200
+        assert "start llamacpp@b.service" not in calls.read_text()
+        assert router.router.lane_of["model-b"].core.swaps == 0
+    finally:
+        await router.close()
+        for unit in ports:
+            subprocess.run([sys.executable, fake_systemctl, str(tmp_path), "stop", unit], check=True)

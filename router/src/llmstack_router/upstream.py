@@ -95,7 +95,7 @@ class Upstream:
         try:
             return await self._exchange(conn, request, read_timeout_s)
         except _StaleConnection as exc:
-            raise UpstreamError("backend closed the connection without answering") from exc
+            raise UpstreamError(f"backend closed the connection without answering ({exc.__cause__!r})") from exc
 
     async def _exchange(self, conn: _Conn, request: bytes, read_timeout_s: float) -> Response:
         try:
@@ -107,9 +107,12 @@ class Upstream:
             if not exc.partial:
                 raise _StaleConnection from exc
             raise UpstreamError("backend closed the connection mid-headers") from exc
-        except (ConnectionError, asyncio.LimitOverrunError) as exc:
+        except ConnectionError as exc:
             conn.close()
-            raise UpstreamError(f"backend connection failed: {exc!r}") from exc
+            raise _StaleConnection from exc  # reset before any answer: a pooled one gets one retry
+        except asyncio.LimitOverrunError as exc:
+            conn.close()
+            raise UpstreamError(f"backend sent over {_MAX_HEAD} bytes of headers") from exc
         except BaseException:
             conn.close()
             raise
@@ -122,7 +125,8 @@ class _StaleConnection(Exception):
 
 class Response:
     def __init__(self, upstream: Upstream, conn: _Conn, raw_head: bytes, read_timeout_s: float) -> None:
-        self._upstream, self._conn, self._timeout = upstream, conn, read_timeout_s
+        self._upstream, self._timeout = upstream, read_timeout_s
+        self._conn: _Conn | None = conn
         lines = raw_head.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
@@ -147,6 +151,8 @@ class Response:
         return self.headers.get("content-type", "application/json")
 
     async def _read_chunk(self) -> bytes:
+        if self._conn is None:
+            raise ConnectionError("response already closed")
         reader = self._conn.reader
         if self._chunked:
             size_line = await reader.readuntil(b"\r\n")
