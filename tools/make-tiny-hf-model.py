@@ -42,7 +42,8 @@ CORPUS = (
     "Say hello from the tiny test model.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9, and punctuation! ? ; :",
 )
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -98,14 +99,15 @@ def ensure_dependencies() -> None:
         if not python.exists():
             venv.create(tool_venv, with_pip=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *TOOL_REQUIREMENTS], check=True)
-        os.execv(str(python), [str(python), __file__, *sys.argv[1:]])
+        # Re-run this same script inside the tool venv (argv list, no shell).
+        os.execv(str(python), [str(python), __file__, *sys.argv[1:]])  # noqa: S606
 
 
 def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core = Tokenizer(models.BPE(unk_token=UNK))
     # Byte-level pre-tokenization means any prompt encodes without <unk>.
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -118,10 +120,10 @@ def build_tokenizer(vocab_size: int):
     core.train_from_iterator(CORPUS, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="</s>",
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
         additional_special_tokens=list(SPECIAL_TOKENS[3:]),
     )
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -41,7 +41,7 @@ for line in sys.stdin:
     name, _, version = line.strip().partition("==")
     if name: print(re.sub(r"[-_.]+", "-", name).lower() + "==" + version)' | sort; }
 pip_set=$("$work/pip-venv/bin/pip" freeze --all --exclude pip --exclude setuptools | normalize)
-uv_set=$("$uv" pip freeze --python "$work/uv-venv/bin/python" | normalize)
+uv_set=$("$uv" pip freeze --quiet --python "$work/uv-venv/bin/python" | normalize)
 if [[ "$pip_set" != "$uv_set" ]]; then
   echo "pip and uv built different venvs:" >&2
   diff <(echo "$pip_set") <(echo "$uv_set") >&2 || true

@@ -57,7 +57,7 @@ def _fake_app(model: str, chunks: int, chunk_delay_s: float) -> web.Application:
             return web.Response(body=body, content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for _ in range(chunks):
+        for _chunk in range(chunks):
             await asyncio.sleep(chunk_delay_s)
             await response.write(chunk)
         await response.write(b"data: [DONE]\n\n")
@@ -170,14 +170,15 @@ async def batch(url: str, model: str, headers: dict[str, str], count: int, concu
                 extra: dict[str, Any]) -> list[float]:
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as client:
-        await asyncio.gather(*(one_request(client, url, model, headers, extra) for _ in range(min(concurrency, 8))))
+        warmups = min(concurrency, 8)
+        await asyncio.gather(*(one_request(client, url, model, headers, extra) for _warmup in range(warmups)))
         semaphore = asyncio.Semaphore(concurrency)
 
         async def guarded() -> float:
             async with semaphore:
                 return await one_request(client, url, model, headers, extra)
 
-        return list(await asyncio.gather(*(guarded() for _ in range(count))))
+        return list(await asyncio.gather(*(guarded() for _request in range(count))))
 
 
 async def stream_once(client: aiohttp.ClientSession, url: str, model: str, headers: dict[str, str],
@@ -201,7 +202,7 @@ async def stream_batch(url: str, model: str, headers: dict[str, str], count: int
     gaps: list[float] = []
     async with aiohttp.ClientSession() as client:
         await stream_once(client, url, model, headers, extra)
-        for _ in range(count):
+        for _sample in range(count):
             first, between = await stream_once(client, url, model, headers, extra)
             ttft.append(first)
             gaps.extend(between)
@@ -221,7 +222,7 @@ async def compare(targets: dict[str, tuple[str, str, dict[str, str]]], label: st
     """Interleave targets over rounds so that drifting background load hits all of them alike."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
     cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
-    for _ in range(rounds):
+    for _round in range(rounds):
         for name, (url, model, headers) in targets.items():
             before = cpu_seconds(PIDS.get(name))
             samples[name] += await batch(url, model, headers, count // rounds, concurrency, extra)
@@ -283,19 +284,19 @@ async def client_choice(port: int, count: int) -> None:
     async def with_aiohttp() -> None:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-            for _ in range(count):
+            for _request in range(count):
                 async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as resp:
                     await resp.read()
 
     async def with_builtin() -> None:
         upstream = Upstream(url)
-        for _ in range(count):
+        for _request in range(count):
             await (await upstream.post("/v1/chat/completions", body, headers, 30)).read()
         upstream.close()
 
     print(f"\nforwarding client candidates, {count} sequential requests to the fast upstream, 3 rounds")
     out: dict[str, list[float]] = {"aiohttp": [], "builtin": []}
-    for _ in range(3):
+    for _round in range(3):
         for name, run in (("aiohttp", with_aiohttp), ("builtin", with_builtin)):
             before = cpu_seconds(os.getpid())
             await run()
@@ -366,7 +367,7 @@ async def swap_overhead(workdir: Path, swaps: int) -> None:
                 if index == 0:
                     continue  # the first load has nothing to stop
                 ready_at = float(Path(stamps[name] + ".ready").read_text())
-                term_at, _ = json.loads(Path(stamps[old] + ".stop").read_text())
+                term_at, _exited_at = json.loads(Path(stamps[old] + ".stop").read_text())
                 backend_start = ready_at - record["start_called_at"]
                 backend_stop = exited[0] - term_at
                 router_own = total - direct - backend_start - backend_stop

@@ -41,7 +41,7 @@ async def stack() -> AsyncIterator[tuple[RunningRouter, FakeUpstream, FakeUpstre
 
 
 async def test_models_lists_every_configured_model_with_loaded_flag(stack) -> None:
-    router, _, _ = stack
+    router, _first, _second = stack
     async with aiohttp.ClientSession(headers=AUTH) as client:
         async with client.get(router.url + "/v1/models") as resp:
             body = await resp.json()
@@ -57,9 +57,10 @@ async def test_models_lists_every_configured_model_with_loaded_flag(stack) -> No
 
 
 async def test_unknown_model_is_404_in_openai_shape_naming_valid_ids(stack) -> None:
-    router, _, _ = stack
-    async with aiohttp.ClientSession(headers=AUTH) as client, client.post(router.url + "/v1/chat/completions",
-                           json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}) as resp:
+    router, _first, _second = stack
+    request = {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession(headers=AUTH) as client, \
+            client.post(router.url + "/v1/chat/completions", json=request) as resp:
         body = await resp.json()
     assert resp.status == 404
     assert body["error"]["code"] == "model_not_found"
@@ -69,7 +70,7 @@ async def test_unknown_model_is_404_in_openai_shape_naming_valid_ids(stack) -> N
 
 
 async def test_alias_is_rewritten_and_upstream_gets_its_own_key_and_request_id(stack) -> None:
-    router, first, _ = stack
+    router, first, _second = stack
     async with aiohttp.ClientSession(headers={**AUTH, "X-Request-Id": "abc123"}) as client, client.post(
             router.url + "/v1/completions", json={"model": "smol", "prompt": "hi"}) as resp:
         body = await resp.json()
@@ -92,7 +93,7 @@ async def test_embeddings_route_to_the_co_resident_backend(stack) -> None:
 
 
 async def test_stream_is_passed_through_chunk_by_chunk(stack) -> None:
-    router, first, _ = stack
+    router, first, _second = stack
     first.chunk_delay_s = 0.15
     arrivals: list[float] = []
     began = time.monotonic()
@@ -109,14 +110,14 @@ async def test_stream_is_passed_through_chunk_by_chunk(stack) -> None:
 
 
 async def test_client_disconnect_mid_stream_cancels_upstream(stack) -> None:
-    router, first, _ = stack
+    router, first, _second = stack
     first.chunk_delay_s = 0.2
     first.chunks = 50
     async with aiohttp.ClientSession(headers=AUTH) as client, client.post(router.url + "/v1/chat/completions", json={
             "model": "smollm2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as resp:
         await resp.content.readline()
         # leaving the block closes the connection mid-stream
-    for _ in range(50):
+    for _poll in range(50):
         if first.disconnects:
             break
         await asyncio.sleep(0.05)
@@ -139,7 +140,7 @@ async def test_client_disconnect_mid_stream_cancels_upstream(stack) -> None:
     ("/health", {}, 200),
 ])
 async def test_keys_guard_their_routes(stack, path: str, headers: dict, status: int) -> None:
-    router, _, _ = stack
+    router, _first, _second = stack
     async with aiohttp.ClientSession(headers=headers) as client, client.get(router.url + path) as resp:
         assert resp.status == status
         if status == 401:
@@ -147,7 +148,7 @@ async def test_keys_guard_their_routes(stack, path: str, headers: dict, status: 
 
 
 async def test_body_over_limit_is_413(stack) -> None:
-    router, _, _ = stack
+    router, _first, _second = stack
     async with aiohttp.ClientSession(headers=AUTH) as client:
         big = {"model": "smol", "messages": [{"role": "user", "content": "x" * 10000}]}
         async with client.post(router.url + "/v1/chat/completions", json=big) as resp:
@@ -157,9 +158,9 @@ async def test_body_over_limit_is_413(stack) -> None:
 
 
 async def test_status_and_metrics_report_requests_and_groups(stack) -> None:
-    router, _, _ = stack
+    router, _first, _second = stack
     async with aiohttp.ClientSession(headers=AUTH) as client:
-        for _ in range(2):
+        for _request in range(2):
             async with client.post(router.url + "/v1/completions", json={"model": "smol", "prompt": "x"}) as resp:
                 assert resp.status == 200
         async with client.post(router.url + "/v1/completions", json={"model": "nope", "prompt": "x"}) as resp:
@@ -178,14 +179,14 @@ async def test_status_and_metrics_report_requests_and_groups(stack) -> None:
 
 
 async def test_admin_load_and_unload(stack) -> None:
-    router, _, _ = stack
+    router, _first, _second = stack
     async with aiohttp.ClientSession(headers=ADMIN) as client:
         async with client.post(router.url + "/admin/load", json={"model": "smol"}) as resp:
             assert resp.status == 200
             assert (await resp.json())["loaded"] == "smollm2"
         async with client.post(router.url + "/admin/unload", json={"group": "gpu0"}) as resp:
             assert resp.status == 202
-        for _ in range(50):
+        for _poll in range(50):
             if router.router.lane_of["smollm2"].core.active is None:
                 break
             await asyncio.sleep(0.02)
@@ -194,9 +195,11 @@ async def test_admin_load_and_unload(stack) -> None:
             assert resp.status == 404
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                  max_size=4), max_leaves=12)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 _BODIES = st.one_of(
     st.binary(max_size=300),
     _JSON.map(lambda v: json.dumps(v).encode()),
@@ -208,7 +211,7 @@ _BODIES = st.one_of(
 
 
 async def test_fuzzed_bad_requests_never_get_a_5xx(stack) -> None:
-    router, _, _ = stack
+    router, _first, _second = stack
     seen: dict[int, int] = {}
     async with aiohttp.ClientSession() as client:
 

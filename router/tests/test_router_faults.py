@@ -67,7 +67,7 @@ async def test_backend_exiting_at_start_gives_every_waiter_503_with_logs_then_re
     router = await start_router(router_config({"a": spawned_backend(port, "model-a", "--exit-if-file", str(flag))}))
     try:
         async with aiohttp.ClientSession(headers=AUTH) as client:
-            results = await asyncio.gather(*(chat(client, router.url, "model-a") for _ in range(3)))
+            results = await asyncio.gather(*(chat(client, router.url, "model-a") for _waiter in range(3)))
             for status, body in results:
                 assert status == 503
                 assert body["error"]["code"] == "model_load_failed"
@@ -120,7 +120,7 @@ async def test_kill_9_mid_stream_reports_error_and_next_request_restarts_backend
                             os.kill(lane.backends["a"].controller.proc.pid, signal.SIGKILL)
             assert b'"upstream_error"' in lines[-1], lines[-3:]
             assert not any(b"[DONE]" in line for line in lines)
-            for _ in range(100):
+            for _poll in range(100):
                 if lane.core.phase == "idle":
                     break
                 await asyncio.sleep(0.02)
@@ -142,7 +142,7 @@ async def test_client_cancelling_while_queued_is_dropped() -> None:
         async with aiohttp.ClientSession(headers=AUTH) as client:
             assert (await chat(client, router.url, "model-a"))[0] == 200
             waiting = asyncio.create_task(chat(client, router.url, "model-b"))
-            for _ in range(100):
+            for _poll in range(100):
                 if lane.core.queue_depth() == 1:
                     break
                 await asyncio.sleep(0.01)
@@ -150,7 +150,7 @@ async def test_client_cancelling_while_queued_is_dropped() -> None:
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
-            for _ in range(100):
+            for _poll in range(100):
                 if lane.core.queue_depth() == 0:
                     break
                 await asyncio.sleep(0.01)
@@ -170,9 +170,9 @@ async def test_full_queue_answers_503_with_retry_after() -> None:
     try:
         async with aiohttp.ClientSession(headers=AUTH) as client:
             assert (await chat(client, router.url, "model-a"))[0] == 200
-            queued = [asyncio.create_task(chat(client, router.url, "model-b")) for _ in range(2)]
+            queued = [asyncio.create_task(chat(client, router.url, "model-b")) for _waiter in range(2)]
             lane = router.router.lane_of["model-b"]
-            for _ in range(200):
+            for _poll in range(200):
                 if lane.core.queue_depth() == 2:
                     break
                 await asyncio.sleep(0.01)
@@ -219,7 +219,7 @@ async def test_vram_preflight_fails_fast_and_keeps_current_model() -> None:
             message = body["error"]["message"]
             assert "needs 50000 MiB" in message
             assert "can free at most 3000 MiB" in message
-            status, _ = await chat(client, router.url, "model-a")
+            status, _body = await chat(client, router.url, "model-a")
             assert status == 200
             assert router.router.lane_of["model-a"].backends["a"].controller.proc.returncode is None
     finally:
@@ -316,7 +316,7 @@ async def test_router_exit_kills_spawned_backend_and_its_children(tmp_path: Path
     url = f"http://127.0.0.1:{router_port}"
     try:
         async with aiohttp.ClientSession(headers=AUTH) as client:
-            for _ in range(200):
+            for _poll in range(200):
                 try:
                     async with client.get(url + "/health") as resp:
                         if resp.status == 200:
@@ -357,8 +357,8 @@ async def test_systemd_unit_mode_swaps_reports_journal_and_adopts_after_restart(
     for unit, port in ports.items():
         model = "model-" + unit[-9]
         (tmp_path / f"{unit}.json").write_text(json.dumps(fake_command(port, model)))
-    (tmp_path / "llamacpp@broken.service.json").write_text(json.dumps(fake_command(free_port(), "x",
-                                                                                    "--exit-at-start", "4")))
+    broken_command = fake_command(free_port(), "x", "--exit-at-start", "4")
+    (tmp_path / "llamacpp@broken.service.json").write_text(json.dumps(broken_command))
     backends = {
         unit[-9]: {"engine": "llamacpp", "group": "gpu0", "url": f"http://127.0.0.1:{port}", "unit": unit,
                    "models": [{"id": "model-" + unit[-9]}]} for unit, port in ports.items()}
@@ -384,7 +384,7 @@ async def test_systemd_unit_mode_swaps_reports_journal_and_adopts_after_restart(
             assert "unit llamacpp@broken.service is failed" in body["error"]["message"]
             assert "CUDA out of memory while loading weights (emulated)" in body["error"]["message"]
             assert "journal llamacpp@broken.service" in calls.read_text()
-            status, _ = await chat(client, router.url, "model-b")
+            status, _body = await chat(client, router.url, "model-b")
             assert status == 200
     finally:
         await router.close()

@@ -100,8 +100,8 @@ async def test_openai_client_models_chat_stream_and_errors_across_swaps(llama_ro
     lane = llama_router.router.lane_of["smollm2-135m"]
     assert lane.core.swaps == 3
     assert all(record.error is None for record in lane.history)
-    print("\nllama.cpp swaps:", [(r.to_model, round(r.duration_s, 2), round(r.start_to_ready_s, 2))
-                                for r in lane.history])
+    swaps = [(r.to_model, round(r.duration_s, 2), round(r.start_to_ready_s, 2)) for r in lane.history]
+    print("\nllama.cpp swaps:", swaps)
 
 
 async def test_kill_9_of_llamacpp_mid_stream_then_recovery(llama_router: RunningRouter) -> None:
@@ -121,7 +121,7 @@ async def test_kill_9_of_llamacpp_mid_stream_then_recovery(llama_router: Running
     with pytest.raises(openai.APIError) as broken:
         await read_and_kill_after_three_chunks()
     assert "failed while serving smollm2-135m" in str(broken.value)
-    for _ in range(100):
+    for _poll in range(100):
         if lane.core.phase == "idle":
             break
         await asyncio.sleep(0.05)

@@ -51,7 +51,7 @@ class Harness:
         return waiter
 
     def done(self, waiter: Waiter) -> None:
-        _, epoch = self.granted.pop(waiter.ticket)
+        _waiter, epoch = self.granted.pop(waiter.ticket)
         self.take(self.core.release(epoch, self.now))
 
     def finish_load(self, error: str | None = None, active_after: str | None = None) -> None:
@@ -219,11 +219,11 @@ def test_busy_model_does_not_starve_others() -> None:
     b = h.ask("b")
     while h.now < 10.0:  # steady traffic for a, each request short
         h.now += 0.5
-        for waiter, _ in list(h.granted.values()):
+        for waiter, _epoch in list(h.granted.values()):
             h.done(waiter)
         h.ask("a")
     h.advance(0.5)
-    for waiter, _ in list(h.granted.values()):
+    for waiter, _epoch in list(h.granted.values()):
         h.done(waiter)
     assert h.pending_load == StartLoad("b", "a")
     h.finish_load()
@@ -234,7 +234,7 @@ def test_backend_lost_resets_and_stale_release_is_ignored() -> None:
     h = make()
     a = h.ask("a")
     h.finish_load()
-    _, old_epoch = h.granted[a.ticket]
+    _waiter, old_epoch = h.granted[a.ticket]
     h.take(h.core.backend_lost("a", "killed", h.now))
     assert h.core.phase == Phase.IDLE
     again = h.ask("a")
@@ -274,7 +274,7 @@ def test_alternating_requests_swap_count_is_bounded(gap_s: float, service_s: flo
         if load_done_at is not None and h.now >= load_done_at:
             load_done_at = None
             h.finish_load()
-        for waiter, _ in list(h.granted.values()):
+        for waiter, _epoch in list(h.granted.values()):
             outstanding.append((h.now + service_s, waiter))
             h.granted.pop(waiter.ticket)
         for due, waiter in [o for o in outstanding if o[0] <= h.now]:
@@ -303,7 +303,7 @@ def test_invariants_hold_for_any_event_sequence(events: list[tuple[str, str, flo
         if kind == "ask":
             live.append(h.ask(model))
         elif kind == "done" and h.granted:
-            waiter, _ = next(iter(h.granted.values()))
+            waiter, _epoch = next(iter(h.granted.values()))
             h.done(waiter)
         elif kind == "cancel" and live:
             waiter = live.pop(0)
@@ -322,15 +322,15 @@ def test_invariants_hold_for_any_event_sequence(events: list[tuple[str, str, flo
         assert core.in_flight >= 0
         assert core.queue_depth() <= core.queue_size
         assert (core.phase == Phase.LOADING) == (h.pending_load is not None)
-        current = [e for _, e in h.granted.values() if e == core.epoch]
+        current = [epoch for _waiter, epoch in h.granted.values() if epoch == core.epoch]
         assert core.in_flight == len(current)
         if core.phase == Phase.IDLE:
             assert not core.waiters, "idle with waiters: nobody would ever load them"
     # Drain: finishing loads and requests must resolve every waiter still queued.
-    for _ in range(200):
+    for _step in range(200):
         if h.pending_load:
             h.finish_load()
-        for waiter, _ in list(h.granted.values()):
+        for waiter, _epoch in list(h.granted.values()):
             h.done(waiter)
         h.advance(3.0)
         if h.pending_unload and h.core.phase == Phase.UNLOADING:

@@ -61,7 +61,7 @@ async def serve() -> AsyncIterator:
 async def test_content_length_body_and_connection_reuse(serve) -> None:
     canned = Canned([b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"] * 3)
     upstream = await serve(canned)
-    for _ in range(3):
+    for _request in range(3):
         response = await upstream.post("/v1/x", b'{"a":1}', {"X-Test": "1"}, 5)
         assert response.status == 200
         assert await response.read() == b"{}"

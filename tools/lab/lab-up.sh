@@ -48,7 +48,13 @@ t_start=$(stamp)
 echo "== artifacts (cached under $LLMSTACK_CACHE)"
 tools/fetch-lab-model.sh
 tools/build-llamacpp-wheel.sh
-tools/build-llama-server.sh
+# llama-server only when some instance of the fleet runs it.
+if ansible-inventory -i "$inventory" --list | "$python" -c 'import json, sys
+hostvars = json.load(sys.stdin)["_meta"]["hostvars"].values()
+sys.exit(0 if any(i.get("server_impl", v.get("llamacpp_server_impl", "python")) == "binary"
+                  for v in hostvars for i in v.get("llamacpp_instances", [])) else 1)'; then
+  tools/build-llama-server.sh
+fi
 "${labctl[@]}" rootfs >/dev/null
 t_artifacts=$(stamp)
 

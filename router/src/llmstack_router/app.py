@@ -134,7 +134,7 @@ class Router:
     @staticmethod
     def _bearer(request: web.Request) -> bytes | None:
         header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, _space, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return token.strip().encode("utf-8", errors="replace")

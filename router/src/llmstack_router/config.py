@@ -347,8 +347,11 @@ def parse_config(data: Any) -> RouterConfig:
     )
     auth_reader.finish()
     if not auth.api_keys and not auth.allow_unauthenticated:
-        raise ConfigError("auth.api_keys_file", "no API key configured; give api_keys_file (0600, one key per line) "
-                                               "or set auth.allow_unauthenticated: true")
+        raise ConfigError(
+            "auth.api_keys_file",
+            "no API key configured; give api_keys_file (0600, one key per line) "
+            "or set auth.allow_unauthenticated: true",
+        )
     overlap = set(auth.api_keys) & set(auth.admin_keys)
     if overlap:
         raise ConfigError("auth.admin_keys", "an admin key must not also be an API key")

@@ -50,7 +50,7 @@ async def is_ready(session: aiohttp.ClientSession, backend: BackendSpec, model: 
     """One readiness probe; connection errors mean 'not yet'."""
     try:
         if backend.engine == "tabbyapi":
-            status, _ = await _get(session, backend, "/health")
+            status, _body = await _get(session, backend, "/health")
             if status != 200:
                 return False
             status, payload = await _get(session, backend, "/v1/model")
@@ -59,16 +59,16 @@ async def is_ready(session: aiohttp.ClientSession, backend: BackendSpec, model: 
             status, payload = await _get(session, backend, "/v1/models")
             return status == 200 and _lists_model(payload, model.served_name)
         if backend.engine == "llamacpp":
-            status, _ = await _get(session, backend, "/health")
+            status, _body = await _get(session, backend, "/health")
             if status == 404:  # llama-cpp-python's server has no /health
-                status, _ = await _get(session, backend, "/v1/models")
+                status, _body = await _get(session, backend, "/v1/models")
             return status == 200
         if backend.engine == "ollama":
-            status, _ = await _get(session, backend, "/api/tags")
+            status, _body = await _get(session, backend, "/api/tags")
             if status == 404:
-                status, _ = await _get(session, backend, "/v1/models")
+                status, _body = await _get(session, backend, "/v1/models")
             return status == 200
-        status, _ = await _get(session, backend, "/v1/models")
+        status, _body = await _get(session, backend, "/v1/models")
         return status == 200
     except (aiohttp.ClientError, TimeoutError, OSError):
         return False

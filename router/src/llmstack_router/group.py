@@ -311,7 +311,7 @@ class Lane:
     async def _wait_health(self, backend: BackendRuntime, target: ModelSpec) -> None:
         async def healthy() -> bool:
             try:
-                status, _ = await engines._get(self.session, backend.spec, "/health")
+                status, _body = await engines._get(self.session, backend.spec, "/health")
             except (aiohttp.ClientError, TimeoutError, OSError):
                 return False
             return status == 200

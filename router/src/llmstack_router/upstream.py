@@ -128,7 +128,7 @@ class Response:
         self._upstream, self._timeout = upstream, read_timeout_s
         self._conn: _Conn | None = conn
         lines = raw_head.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
+        version, _space, rest = lines[0].partition(" ")
         if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
             conn.close()
             raise UpstreamError(f"not an HTTP/1.x response: {lines[0][:80]!r}")

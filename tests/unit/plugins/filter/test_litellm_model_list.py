@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from ansible.errors import AnsibleFilterError
-
 from ansible_collections.llmstack.inference.plugins.filter.litellm_model_list import (
     FilterModule,
     litellm_model_list,
