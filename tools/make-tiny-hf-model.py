@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write a tiny random-weight Llama model with a chat-capable tokenizer.
 
 No model hub is reachable from CI or air-gapped controllers, yet the vLLM
@@ -58,7 +57,7 @@ def cache_dir() -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--output", type=Path, default=cache_dir() / "models" / "tiny-llama-hf")
     parser.add_argument("--head-dim", type=int, default=32, choices=CPU_HEAD_SIZES)
     parser.add_argument("--heads", type=int, default=2)
