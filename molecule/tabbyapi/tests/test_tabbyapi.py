@@ -49,7 +49,7 @@ def curl(host, path: str, key: str | None = None, header: str = "Authorization: 
     result = host.run(
         f"curl -s -o /tmp/body -w '%{{http_code}}' {auth} http://127.0.0.1:5000{path}; echo; cat /tmp/body"
     )
-    code, _, body = result.stdout.partition("\n")
+    code, _newline, body = result.stdout.partition("\n")
     return int(code or 0), body
 
 
@@ -241,7 +241,7 @@ def test_orphan_of_the_service_user_is_stopped(git_host) -> None:
     # An instance started by hand outside systemd (a login session) and left behind.
     host.run(f'setsid -f runuser -u tabbyapi -- /usr/bin/python3 -c "{LISTENER}" 5000 </dev/null >/dev/null 2>&1')
     pid = 0
-    for _ in range(50):
+    for _attempt in range(50):
         out = host.run("ss -Hltnp 'sport = :5000'").stdout
         found = re.search(r"pid=(\d+)", out)
         if found:
@@ -271,7 +271,7 @@ def test_foreign_holder_fails_the_start_and_is_untouched(git_host, unit: str, us
     assert host.run(f"systemctl stop {UNIT}").rc == 0
     run = host.run(f'systemd-run --unit={unit} --uid={user} /usr/bin/python3 -c "{LISTENER}" 5001')
     assert run.rc == 0, run.stderr
-    for _ in range(50):
+    for _attempt in range(50):
         if host.socket("tcp://127.0.0.1:5001").is_listening:
             break
         time.sleep(0.1)

@@ -1,4 +1,4 @@
-#!/bin/bash
+#!/usr/bin/env bash
 # llmstack service guard: the pre-start check of one backend unit.
 #
 # Installed by llmstack.inference.service_guard and run by systemd as
