@@ -145,12 +145,12 @@ progress:
       type: float
 """
 
-import os  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Dict, Optional  # noqa: E402
+import os
+import time
+from typing import Any, Dict, Optional
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible_collections.llmstack.inference.plugins.module_utils._http import (  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llmstack.inference.plugins.module_utils._http import (
     HttpResult,
     TransportError,
     fetch,
@@ -158,7 +158,7 @@ from ansible_collections.llmstack.inference.plugins.module_utils._http import ( 
     join_url,
     open_url,
 )
-from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import parse_api_tokens  # noqa: E402
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import parse_api_tokens
 
 CARD_PARAMS = ("max_seq_len", "cache_size", "cache_mode", "chunk_size", "max_batch_size")
 REQUEST_TIMEOUT = 30.0

@@ -185,11 +185,11 @@ usage_reported:
   type: bool
 """
 
-import time  # noqa: E402
-from typing import Any, Dict, List, Optional  # noqa: E402
+import time
+from typing import Any, Dict, List, Optional
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible_collections.llmstack.inference.plugins.module_utils._http import (  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llmstack.inference.plugins.module_utils._http import (
     HttpResult,
     TransportError,
     fetch,
@@ -197,7 +197,7 @@ from ansible_collections.llmstack.inference.plugins.module_utils._http import ( 
     join_url,
     open_url,
 )
-from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import parse_api_tokens  # noqa: E402
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import parse_api_tokens
 
 NOT_READY = (502, 503, 504)
 

@@ -229,13 +229,13 @@ diff:
       type: str
 """
 
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import traceback  # noqa: E402
-from typing import Any, Dict  # noqa: E402
+import os
+import tempfile
+import traceback
+from typing import Any, Dict
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
-from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import (  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import (
     check_model_folder,
     conflicts,
     deep_merge,

@@ -64,7 +64,7 @@ fleet | while read -r name index; do
   [[ "$state" != "stale" ]] || "${labctl[@]}" down "$name"
   if [[ "$state" != "running" ]]; then
     "${labctl[@]}" up "$name" --index "$index" --bind-ro "$LLMSTACK_CACHE/models:/mnt/models" \
-      | "$python" -c 'import json, sys; h = json.load(sys.stdin); print(f"{h[\"name\"]} up at {h[\"address\"]} in {h[\"boot_seconds\"]} s")'
+      | "$python" -c 'import json, sys; h = json.load(sys.stdin); print(h["name"], "up at", h["address"], "in", h["boot_seconds"], "s")'
   else
     echo "$name already running"
   fi
@@ -87,17 +87,19 @@ print(started[0]["port"])')"
 probe_args="$("$python" -c 'import json, sys
 print(json.dumps({"url": "http://127.0.0.1:" + sys.argv[1], "api_key": "{{ llamacpp_api_key }}",
                   "stream": False, "max_tokens": 64, "prompt": sys.argv[2]}))' "$port" "$prompt")"
-reply_json="$(ANSIBLE_LOAD_CALLBACK_PLUGINS=1 ANSIBLE_STDOUT_CALLBACK=ansible.builtin.json \
+# The default callback prints "<host> | SUCCESS => {json}"; result_format json keeps that parseable.
+reply="$(ANSIBLE_CALLBACK_RESULT_FORMAT=json ANSIBLE_NOCOLOR=1 ANSIBLE_DEPRECATION_WARNINGS=0 \
   ansible "$node" -i "$inventory" -m llmstack.inference.model_probe -a "$probe_args")" || true
-"$python" - "$reply_json" "$node" "$prompt" <<'PY'
+"$python" - "$reply" "$node" "$prompt" <<'PY'
 import json, sys
 raw, node, prompt = sys.argv[1:4]
+head, sep, body = raw.partition(" => ")
 try:
-    result = json.loads(raw)["plays"][0]["tasks"][0]["hosts"][node]
-except (ValueError, KeyError, IndexError):
-    sys.exit(f"no probe result from {node}:\n{raw}")
-if result.get("failed") or result.get("unreachable"):
-    sys.exit(f"probe on {node} failed: {result.get('msg')}")
+    result = json.loads(body) if sep else {}
+except ValueError:
+    result = {}
+if "SUCCESS" not in head or "text" not in result:
+    sys.exit(f"probe on {node} failed:\n{raw}")
 print(f"prompt: {prompt}")
 print(f"{result['model']} on {node} ({result['completion_tokens']} tokens, {result['latency_ms']:.0f} ms):")
 print(result["text"].strip())

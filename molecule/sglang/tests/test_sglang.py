@@ -9,6 +9,7 @@ refused by the service guard, before SGLang runs, for the reasons this host real
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import testinfra.utils.ansible_runner
@@ -111,7 +112,10 @@ def test_sandboxing_exposure(host):
     result = host.run("systemd-analyze security --no-pager sglang@qwen.service")
     assert result.rc == 0, result.stderr
     # systemd's scale: 0 is tightest, 10 unprotected; PrivateDevices=no (GPU nodes) keeps it above 1.
-    level = float(result.stdout.strip().splitlines()[-1].split("exposure level for sglang@qwen.service: ")[1].split()[0])
+    match = re.search(r"exposure level for sglang@qwen\.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout[-400:]
+    level = float(match.group(1))
+    print(f"systemd-analyze security sglang@qwen.service: {level}")
     assert level <= 3.0, result.stdout[-400:]
 
 
@@ -129,9 +133,7 @@ def start_refused(host, name: str) -> str:
 
 def test_guard_refuses_start_without_gpu(host):
     journal = start_refused(host, "qwen")
-    assert (
-        "sglang@qwen.service needs 16000 MiB free VRAM but 'nvidia-smi' is not installed" in journal
-    ), journal
+    assert "sglang@qwen.service needs 16000 MiB free VRAM but 'nvidia-smi' is not installed" in journal, journal
     assert "start of sglang@qwen.service refused: 1 problem(s) above" in journal
     # The guard stopped it: the server command never ran.
     assert "sglang.launch_server" not in journal
