@@ -6,7 +6,7 @@ export LLMSTACK_CACHE ?= $(CURDIR)/.cache
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Scenarios in the order CI runs them; cheap proofs of the lab first.
-SCENARIOS ?= lab default tabbyapi router vllm fleet
+SCENARIOS ?= lab default tabbyapi router vllm sglang ollama fleet
 
 .PHONY: deps venv lint sanity units pytest molecule test lab lab-destroy build clean
 

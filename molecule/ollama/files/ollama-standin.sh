@@ -1,4 +1,4 @@
-#!/bin/bash
+#!/usr/bin/env bash
 # TEST STAND-IN - THIS IS NOT OLLAMA. It runs no model and serves no Ollama API.
 #
 # Built into a throwaway archive by molecule/ollama/prepare.yml because the real release tarball

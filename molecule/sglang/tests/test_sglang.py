@@ -27,7 +27,7 @@ def read_env(host, name: str) -> dict[str, str]:
     pairs = {}
     for line in host.file(f"{CONFIG_DIR}/{name}.env").content_string.splitlines():
         if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
+            key, _sep, value = line.partition("=")
             pairs[key] = value
     return pairs
 
