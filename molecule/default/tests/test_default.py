@@ -25,7 +25,7 @@ def request(host, port: int, path: str, *, key: str | None = KEY, body: dict | N
     if body is not None:
         args += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
     result = host.run(shlex.join([*args, f"http://127.0.0.1:{port}{path}"]))
-    body, _, status = result.stdout.rpartition("\n")
+    body, _newline, status = result.stdout.rpartition("\n")
     return int(status or 0), body
 
 
@@ -133,7 +133,7 @@ def test_requests_without_the_key_are_refused(host, name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(INSTANCES))
 def test_real_chat_completion(host, name: str) -> None:
-    port, alias, _ = INSTANCES[name]
+    port, alias, _impl = INSTANCES[name]
     status, body = request(
         host,
         port,
