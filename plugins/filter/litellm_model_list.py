@@ -87,7 +87,8 @@ def _instance_models(hv: Mapping[str, Any], role: str) -> list[dict[str, Any]]:
         if instance.get("state", "started") == "stopped":
             continue
         try:
-            name = instance.get("served_model_name") or instance["name"]
+            # The same id the router serves it under (router_backends): served name, alias, name.
+            name = instance.get("served_model_name") or instance.get("alias") or instance["name"]
             port = int(instance["port"])
         except (KeyError, TypeError, ValueError) as exc:
             raise AnsibleFilterError(f"{role}_instances[{index}] needs name and an integer port ({exc})") from exc

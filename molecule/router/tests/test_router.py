@@ -27,7 +27,7 @@ def call(host, path: str, *, key: str | None = API_KEY, body: dict | None = None
         args += ["-H", f"Authorization: Bearer {key}"]
     if body is not None:
         args += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
-    text, _, code = host.run(shlex.join([*args, ROUTER + path])).stdout.rpartition("\n")
+    text, _newline, code = host.run(shlex.join([*args, ROUTER + path])).stdout.rpartition("\n")
     return int(code or 0), json.loads(text) if text.strip().startswith("{") else {"raw": text}
 
 

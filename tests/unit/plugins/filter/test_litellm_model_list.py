@@ -42,6 +42,20 @@ def test_router_host_exposes_every_backend_model_at_the_router():
 
 
 @pytest.mark.parametrize(
+    ("instance", "expected"),
+    [
+        ({"name": "smollm2", "port": 8080, "alias": "smollm2-135m", "served_model_name": "smol"}, "smol"),
+        ({"name": "smollm2", "port": 8080, "alias": "smollm2-135m"}, "smollm2-135m"),
+        ({"name": "smollm2", "port": 8080}, "smollm2"),
+    ],
+)
+def test_model_id_is_the_one_the_router_serves(instance, expected):
+    node = {"ansible_host": "198.51.100.12", "router_port": 8002, "router_listen_host": "0.0.0.0",
+            "llamacpp_instances": [instance]}
+    assert [e["model_name"] for e in litellm_model_list({"n": node}, ["n"], gateway="gw")] == [expected]
+
+
+@pytest.mark.parametrize(
     ("declared", "expected"),
     [
         (["m1", "m2"], ["m1", "m2"]),
