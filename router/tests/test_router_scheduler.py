@@ -51,8 +51,9 @@ class Harness:
         return waiter
 
     def done(self, waiter: Waiter) -> None:
-        _waiter, epoch = self.granted.pop(waiter.ticket)
-        self.take(self.core.release(epoch, self.now))
+        # A request ends the way the driver ends it (Ticket.close): through cancel.
+        self.granted.pop(waiter.ticket)
+        self.take(self.core.cancel(waiter, self.now))
 
     def finish_load(self, error: str | None = None, active_after: str | None = None) -> None:
         load = self.pending_load
@@ -159,6 +160,18 @@ def test_cancel_after_grant_releases_the_slot() -> None:
     h.granted.pop(a.ticket)
     h.take(h.core.cancel(a, h.now))
     assert h.core.in_flight == 0
+
+
+def test_closing_a_request_twice_releases_its_slot_once() -> None:
+    # Found by the invariant test below: a finished request cancelled again released a second
+    # slot, leaving another granted request uncounted (and an early swap possible).
+    h = make()
+    first, second = h.ask("a"), h.ask("a")
+    h.finish_load()
+    h.done(first)
+    h.take(h.core.cancel(first, h.now))
+    assert h.core.in_flight == 1
+    assert second.ticket in h.granted
 
 
 def test_failed_load_rejects_every_waiter_and_next_request_retries() -> None:

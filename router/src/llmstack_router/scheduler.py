@@ -121,7 +121,9 @@ class GroupScheduler:
     def cancel(self, waiter: Waiter, now: float) -> list[Action]:
         """The client left. A queued waiter is dropped; a granted one is released."""
         if waiter.granted_epoch is not None:
-            return self.release(waiter.granted_epoch, now)
+            # Forget the grant so a second close of the same request cannot release twice.
+            epoch, waiter.granted_epoch = waiter.granted_epoch, None
+            return self.release(epoch, now)
         try:
             self.waiters.remove(waiter)
         except ValueError:
