@@ -65,6 +65,9 @@ from lab_system import (
 
 FIRST_INDEX = 1
 LAST_INDEX = 200
+# Indexes below this are kept for hosts that ask for a fixed one (inventory/lab's fleet uses 1-3),
+# so molecule hosts allocated meanwhile never take a fleet address.
+FIRST_AUTO_INDEX = 20
 SSH_PORT = 22
 SSH_USER = "root"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -208,7 +211,7 @@ def allocate(name: str, hostname: str, index: int | None, rootfs: Path, bind_ro:
         taken = {state.index for state in states}
         taken |= {int(ns[len(NETNS_PREFIX) :]) for ns in netns_names() if ns[len(NETNS_PREFIX) :].isdigit()}
         if index is None:
-            index = next((i for i in range(FIRST_INDEX, LAST_INDEX + 1) if i not in taken), None)
+            index = next((i for i in range(FIRST_AUTO_INDEX, LAST_INDEX + 1) if i not in taken), None)
             if index is None:
                 raise LabError("no free lab index left; run `labctl down --all`")
         elif index in taken:
@@ -480,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("name")
     up.add_argument("--hostname", help="host name inside the host (default: NAME)")
     up.add_argument(
-        "--index", type=int, help=f"address 198.18.0.(10+N), {FIRST_INDEX}..{LAST_INDEX}; default: first free"
+        "--index",
+        type=int,
+        help=f"address 198.18.0.(10+N), {FIRST_INDEX}..{LAST_INDEX}; default: first free from {FIRST_AUTO_INDEX}",
     )
     up.add_argument("--bind-ro", action="append", default=[], metavar="SRC:DST", help="read-only bind mount")
     down = commands.add_parser("down", help="tear hosts down")
