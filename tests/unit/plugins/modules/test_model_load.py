@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 from ansible.module_utils.testing import patch_module_args
 from ansible_collections.llmstack.inference.plugins.modules import model_load
+from ansible_collections.llmstack.inference.tests.unit.plugins.json_http import JsonHandler
 
 ADMIN = "a" * 32
 
@@ -41,20 +42,7 @@ class FakeTabby:
 
 
 def make_handler(fake):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
-        def log_message(self, *args):
-            pass
-
-        def reply(self, status, body):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JsonHandler):
         def authorized(self, admin):
             key = self.headers.get("x-admin-key") if admin else self.headers.get("x-api-key")
             bearer = (self.headers.get("authorization") or "").partition(" ")[2]

@@ -11,11 +11,12 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 from ansible.module_utils.testing import patch_module_args
 from ansible_collections.llmstack.inference.plugins.modules import model_probe
+from ansible_collections.llmstack.inference.tests.unit.plugins.json_http import JsonHandler
 
 KEY = "k" * 32
 WORDS = ["Hello", " there", ",", " operator", "!"]
@@ -49,20 +50,7 @@ class FakeServer:
 
 
 def make_handler(fake):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
-        def log_message(self, *args):
-            pass
-
-        def reply(self, status, body):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JsonHandler):
         def gate(self, body=None):
             fake.requests.append((self.command, self.path, dict(self.headers), body))
             if fake.loading > 0:
