@@ -8,7 +8,8 @@
 set -euo pipefail
 
 mode=${1:-}
-root=${ROLE_DOCS_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
+# Absolute: the loop below runs from a temporary directory.
+root=$(cd "${ROLE_DOCS_ROOT:-$(dirname "$0")/..}" && pwd)
 template=$root/tools/role-docs.md.j2
 begin='<!-- BEGIN_ANSIBLE_DOCS -->'
 end='<!-- END_ANSIBLE_DOCS -->'
