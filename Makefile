@@ -8,7 +8,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Scenarios in the order CI runs them; cheap proofs of the lab first.
 SCENARIOS ?= lab default tabbyapi router vllm sglang ollama fleet
 
-.PHONY: deps venv lint sanity units pytest molecule test lab lab-destroy build clean
+.PHONY: deps venv docs docs-check lint sanity units pytest molecule test lab lab-destroy build clean
 
 # Debian packages a bare Debian 12 machine lacks for the lab (installed only when missing).
 DEB_PACKAGES := debootstrap systemd-container iproute2 nftables openssh-client python3-venv unzip git ca-certificates
@@ -29,7 +29,15 @@ $(VENV)/.stamp: requirements/controller.txt
 	ln -sfn ../../.. .collections/ansible_collections/llmstack/inference
 	touch $@
 
-lint: venv
+# Role READMEs: hand-written intro, variable tables generated from meta/argument_specs.yml (tools/role-docs.sh).
+docs: venv
+	tools/role-docs.sh write
+
+# A stale README fails `make lint` and with it `make test`; the message says to run `make docs`.
+docs-check: venv
+	tools/role-docs.sh check
+
+lint: venv docs-check
 	ruff check .
 	yamllint --strict .
 	ansible-lint
