@@ -42,11 +42,14 @@ options:
     type: path
   use_proxy:
     description:
-      - Use the proxy of the environment (C(http_proxy), C(https_proxy), honouring C(no_proxy)).
+      - Use the proxy of the environment (C(http_proxy), C(https_proxy), honouring C(no_proxy)),
+        for a server reached only through a proxy.
+      - Off by default because the servers are on the node or its LAN, and a proxy set for package
+        downloads would receive their requests (C(no_proxy) takes no address ranges).
       - A loopback O(url) (C(localhost), C(127.0.0.0/8), C(::1)) and O(unix_socket) are always reached
         directly, since a proxy would not reach this host's own servers.
     type: bool
-    default: true
+    default: false
 notes:
   - HTTP runs on Ansible's own C(ansible.module_utils.urls), as in M(ansible.builtin.uri).
 """

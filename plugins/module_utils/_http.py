@@ -42,7 +42,10 @@ HTTP_COMMON_ARGS = dict(
     client_cert=dict(type="path"),
     client_key=dict(type="path"),
     unix_socket=dict(type="path"),
-    use_proxy=dict(type="bool", default=True),
+    # Off by default, as before this module used urls: the servers are on the node or its LAN, and
+    # a proxy exported for pip or apt (a play's `environment`) would receive their requests, since
+    # urllib's no_proxy knows no CIDR ranges. On, a gateway behind a proxy can be reached.
+    use_proxy=dict(type="bool", default=False),
 )
 
 ACCEPT = "application/json, text/event-stream"
@@ -143,7 +146,7 @@ class HttpClient:
         client_cert: Optional[str] = None,
         client_key: Optional[str] = None,
         unix_socket: Optional[str] = None,
-        use_proxy: bool = True,
+        use_proxy: bool = False,
     ) -> None:
         if not base_url.lower().startswith(("http://", "https://")):
             # urls.Request would also open file:// and ftp:// URLs; an inference server is only HTTP(S).
@@ -160,10 +163,9 @@ class HttpClient:
                 "and that the key matches the certificate" % exc
             ) from exc
         self.base_url = base_url
-        # Loopback servers (and unix sockets) are reached directly whatever use_proxy says: an
-        # environment proxy (http_proxy exported for pip or apt) would otherwise receive the
-        # 127.0.0.1 probes, and no_proxy rarely lists loopback. Other hosts follow use_proxy, with
-        # urllib's http(s)_proxy / no_proxy handling, as in ansible.builtin.uri.
+        # Loopback servers (and unix sockets) are reached directly even with use_proxy: a proxy
+        # cannot reach this host's own 127.0.0.1, and no_proxy rarely lists loopback. Other hosts
+        # follow use_proxy, with urllib's http(s)_proxy / no_proxy handling as in ansible.builtin.uri.
         self.use_proxy = bool(use_proxy) and not unix_socket and not is_loopback(base_url)
         all_headers = {"Accept": ACCEPT}
         all_headers.update(headers or {})

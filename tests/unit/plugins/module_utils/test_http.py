@@ -243,8 +243,8 @@ def test_loopback_never_goes_through_the_environment_proxy(servers, proxy, host,
     assert client.use_proxy is False
 
 
-def test_other_hosts_use_the_environment_proxy(proxy):
-    client = _http.HttpClient("http://inference.example.invalid:8000")
+def test_other_hosts_use_the_environment_proxy_when_asked(proxy):
+    client = _http.HttpClient("http://inference.example.invalid:8000", use_proxy=True)
     assert client.use_proxy is True
     result = client.call("GET", "/v1/models")
     assert result.json()["served_by"] == "proxy"
@@ -252,10 +252,12 @@ def test_other_hosts_use_the_environment_proxy(proxy):
     assert proxy.requests[-1][1] == "http://inference.example.invalid:8000/v1/models"
 
 
-@pytest.mark.parametrize("how", ["use_proxy=false", "no_proxy"])
-def test_proxy_can_be_bypassed_for_other_hosts(proxy, clean_env, how):
+@pytest.mark.parametrize("how", ["default", "use_proxy=false", "no_proxy"])
+def test_other_hosts_bypass_the_proxy_by_default_or_no_proxy(proxy, clean_env, how):
     if how == "no_proxy":
         clean_env.setenv("no_proxy", "inference.example.invalid")
+        client = _http.HttpClient("http://inference.example.invalid:8000", use_proxy=True)
+    elif how == "default":
         client = _http.HttpClient("http://inference.example.invalid:8000")
     else:
         client = _http.HttpClient("http://inference.example.invalid:8000", use_proxy=False)
