@@ -1,6 +1,6 @@
 # Copyright: llmstack maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""TabbyAPI config.yml rules shared by tabbyapi_config and model_load.
+"""TabbyAPI config.yml rules shared by tabbyapi_config and model_load, and its api_tokens.yml reader.
 
 The rules mirror TabbyAPI's own config model (common/config_models.py on main and on the
 exl2-checkpoint branch): `backend` belongs to the `model` section; cache_mode is FP16/Q8/Q6/Q4,
@@ -227,17 +227,81 @@ def check_model_folder(kind: str, model_dir: str, model_name: str, backend: Opti
 
 
 def parse_api_tokens(text: str) -> Dict[str, Any]:
-    """Reads api_tokens.yml without needing PyYAML on the node (flat `key: value` lines)."""
+    """Reads api_tokens.yml without needing PyYAML on the node (flat `key: value` lines).
+
+    Raises ValueError for text PyYAML cannot parse or that is not a mapping.
+    """
     try:
         import yaml  # pylint: disable=import-outside-toplevel
-
-        data = yaml.safe_load(text)
-        return data if isinstance(data, dict) else {}
     except ImportError:
-        pass
+        yaml = None
+    if yaml is not None:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError("it is not valid YAML (%s)" % str(exc).replace("\n", " ")) from exc
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError("it holds a YAML %s, not the mapping of api_key and admin_key" % type(data).__name__)
+        return data
     data = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() and not key.startswith((" ", "#", "-")):
             data[key.strip()] = value.strip().strip("'\"")
     return data
+
+
+class TokenFileError(ValueError):
+    """api_tokens.yml cannot be read, or lacks the key asked for; the message names the fix."""
+
+
+def read_api_token(path: str, token_key: str, key_option: str) -> str:
+    """The `token_key` (api_key or admin_key) of TabbyAPI's api_tokens.yml at `path`.
+
+    TabbyAPI writes the file on its first start; api_key may be a list, of which the first is used.
+    `key_option` is the module option that would give the key instead, named in the errors.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise TokenFileError(
+            "api_tokens_file %s is not readable (%s): TabbyAPI writes it on its first start; "
+            "run the module with become, or give %s" % (path, exc.strerror, key_option)
+        ) from exc
+    try:
+        tokens = parse_api_tokens(text)
+    except ValueError as exc:
+        raise TokenFileError(
+            "api_tokens_file %s cannot be used: %s; restore the file TabbyAPI wrote (delete it and restart "
+            "TabbyAPI to get new keys), or give %s" % (path, exc, key_option)
+        ) from exc
+    value = tokens.get(token_key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not value or not isinstance(value, (str, int)):
+        raise TokenFileError(
+            "api_tokens_file %s has no %s: restore the file TabbyAPI wrote, or give %s" % (path, token_key, key_option)
+        )
+    return str(value)
+
+
+def key_from_params(module: Any, key_option: str, token_key: str) -> Optional[str]:
+    """The key a module sends: option `key_option` when given, else `token_key` from api_tokens_file.
+
+    A key read from the file was never a module parameter, so Ansible does not know to hide it;
+    it is added to the module's no_log values, masking it in results, errors and logs.
+    """
+    if module.params[key_option]:
+        return module.params[key_option]
+    path = module.params["api_tokens_file"]
+    if not path:
+        return None
+    try:
+        key = read_api_token(path, token_key, key_option)
+    except TokenFileError as exc:
+        module.fail_json(msg=str(exc))
+    module.no_log_values.add(key)
+    return key

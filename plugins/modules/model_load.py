@@ -17,11 +17,13 @@ description:
   - TabbyAPI answers a load of the model already loaded with "finished" whatever the draft model
     or parameters asked, so a reload of the same model unloads it first.
   - The admin key is given, or read from the node's C(api_tokens.yml).
-  - Runs on the node (or any host that reaches O(url)); uses only the Python standard library.
+  - Runs on the node (or any host that reaches O(url)); needs no Python package beyond Ansible's own.
 author:
   - llmstack maintainers (@llmstack)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - llmstack.inference._http
+  - llmstack.inference._http.admin_key
 attributes:
   check_mode:
     support: full
@@ -31,18 +33,6 @@ attributes:
   platform:
     platforms: posix
 options:
-  url:
-    description: TabbyAPI base URL.
-    type: str
-    default: http://127.0.0.1:5000
-  admin_key:
-    description: TabbyAPI admin key. Takes precedence over O(api_tokens_file).
-    type: str
-  api_tokens_file:
-    description:
-      - Path of TabbyAPI's C(api_tokens.yml) on the host the module runs on; its C(admin_key) is used.
-      - Without O(admin_key) and O(api_tokens_file), no key is sent (C(network.disable_auth=true)).
-    type: path
   state:
     description: V(loaded) makes O(model_name) the loaded model; V(unloaded) unloads whatever is loaded.
     type: str
@@ -68,13 +58,10 @@ options:
     type: bool
     default: false
   timeout:
-    description: Seconds allowed for the whole load (large models on slow storage take minutes).
-    type: int
+    description:
+      - Seconds allowed for the whole load (large models on slow storage take minutes).
+      - The other requests (reading and unloading the model) get 30 seconds each.
     default: 600
-  validate_certs:
-    description: Verify TLS certificates for an C(https) O(url).
-    type: bool
-    default: true
 seealso:
   - module: llmstack.inference.tabbyapi_config
   - module: llmstack.inference.model_probe
@@ -151,14 +138,14 @@ from typing import Any, Dict, Optional
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llmstack.inference.plugins.module_utils._http import (
+    HttpConfigError,
     HttpResult,
     TransportError,
-    fetch,
+    client_from_params,
+    http_argument_spec,
     iter_sse,
-    join_url,
-    open_url,
 )
-from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import parse_api_tokens
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import key_from_params
 
 CARD_PARAMS = ("max_seq_len", "cache_size", "cache_mode", "chunk_size", "max_batch_size")
 REQUEST_TIMEOUT = 30.0
@@ -168,14 +155,17 @@ class TabbyAdmin:
     def __init__(self, module: AnsibleModule, key: Optional[str]) -> None:
         self.module = module
         self.url = module.params["url"]
-        self.headers = {}  # type: Dict[str, str]
+        headers = {}  # type: Dict[str, str]
         if key:
-            self.headers = {"x-admin-key": key, "Authorization": "Bearer " + key}
+            headers = {"x-admin-key": key, "Authorization": "Bearer " + key}
+        try:
+            self.client = client_from_params(module.params, headers)
+        except HttpConfigError as exc:
+            module.fail_json(msg=str(exc))
 
     def call(self, method: str, path: str, payload: Any = None) -> HttpResult:
-        url = join_url(self.url, path)
         try:
-            return fetch(method, url, self.headers, payload, REQUEST_TIMEOUT, self.module.params["validate_certs"])
+            return self.client.call(method, path, payload, REQUEST_TIMEOUT)
         except TransportError as exc:
             self.module.fail_json(
                 msg="TabbyAPI is not reachable (%s): start the service first; "
@@ -207,10 +197,9 @@ class TabbyAdmin:
     def load(self, payload: Dict[str, Any]) -> Dict[str, Any]:
         started = time.monotonic()
         progress = {"events": 0, "model_modules": 0, "draft_modules": 0, "finished": False, "seconds": 0.0}
-        url = join_url(self.url, "/v1/model/load")
         timeout = float(self.module.params["timeout"])
         try:
-            response = open_url("POST", url, self.headers, payload, timeout, self.module.params["validate_certs"])
+            response = self.client.open_stream("POST", "/v1/model/load", payload, timeout)
         except TransportError as exc:
             self.module.fail_json(msg="POST /v1/model/load: %s" % exc)
         if isinstance(response, HttpResult):
@@ -251,25 +240,6 @@ class TabbyAdmin:
             progress["finished"] = True
 
 
-def admin_key(module: AnsibleModule) -> Optional[str]:
-    if module.params["admin_key"]:
-        return module.params["admin_key"]
-    path = module.params["api_tokens_file"]
-    if not path:
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            tokens = parse_api_tokens(handle.read())
-    except OSError as exc:
-        module.fail_json(
-            msg="api_tokens_file %s is not readable (%s): TabbyAPI writes it on its first start; "
-            "run the module with become, or give admin_key" % (path, exc.strerror)
-        )
-    if not tokens.get("admin_key"):
-        module.fail_json(msg="api_tokens_file %s has no admin_key: restore it or give admin_key" % path)
-    return str(tokens["admin_key"])
-
-
 def describe(card: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if not card:
         return {"model": None, "draft_model": None, "parameters": {}}
@@ -301,7 +271,7 @@ def folder_id(name: Optional[str]) -> Optional[str]:
 
 def run(module: AnsibleModule) -> Dict[str, Any]:
     params = module.params
-    api = TabbyAdmin(module, admin_key(module))
+    api = TabbyAdmin(module, key_from_params(module, "admin_key", "admin_key"))
     before = describe(api.current())
     result = {"changed": False, "previous_model": before["model"], "previous_draft_model": before["draft_model"]}
     after = dict(before)
@@ -342,19 +312,16 @@ def run(module: AnsibleModule) -> Dict[str, Any]:
 
 
 def main() -> None:
+    argument_spec = http_argument_spec("admin_key", timeout=600)
+    argument_spec.update(
+        state=dict(type="str", choices=["loaded", "unloaded"], default="loaded"),
+        model_name=dict(type="str"),
+        draft_model_name=dict(type="str"),
+        load_params=dict(type="dict", default={}),
+        force=dict(type="bool", default=False),
+    )
     module = AnsibleModule(
-        argument_spec=dict(
-            url=dict(type="str", default="http://127.0.0.1:5000"),
-            admin_key=dict(type="str", no_log=True),
-            api_tokens_file=dict(type="path"),
-            state=dict(type="str", choices=["loaded", "unloaded"], default="loaded"),
-            model_name=dict(type="str"),
-            draft_model_name=dict(type="str"),
-            load_params=dict(type="dict", default={}),
-            force=dict(type="bool", default=False),
-            timeout=dict(type="int", default=600),
-            validate_certs=dict(type="bool", default=True),
-        ),
+        argument_spec=argument_spec,
         required_if=[("state", "loaded", ("model_name",))],
         supports_check_mode=True,
     )

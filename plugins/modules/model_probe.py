@@ -18,11 +18,13 @@ description:
     returned with the failure.
   - Works with TabbyAPI, vLLM, SGLang, llama.cpp's llama-server, Ollama's OpenAI API and LiteLLM.
   - Never changes anything, so never reports C(changed).
-  - Uses only the Python standard library on the host it runs on.
+  - Needs no Python package beyond Ansible's own on the host it runs on.
 author:
   - llmstack maintainers (@llmstack)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - llmstack.inference._http
+  - llmstack.inference._http.api_key
 attributes:
   check_mode:
     support: full
@@ -32,18 +34,8 @@ attributes:
   platform:
     platforms: posix
 options:
-  url:
-    description: Server base URL; a trailing C(/v1) is accepted.
-    type: str
-    default: http://127.0.0.1:5000
   api_key:
-    description: API key, sent as set by O(auth_header).
-    type: str
-  api_tokens_file:
-    description:
-      - TabbyAPI's C(api_tokens.yml) on the host the module runs on.
-      - Its C(api_key) (the first one when it lists several) is used when O(api_key) is not given.
-    type: path
+    description: API key, sent as set by O(auth_header). Takes precedence over O(api_tokens_file).
   auth_header:
     description:
       - How the key is sent. V(authorization) sends C(Authorization) with C(Bearer) (every server listed);
@@ -53,7 +45,9 @@ options:
     choices: [authorization, x-api-key, none]
     default: authorization
   headers:
-    description: Extra request headers.
+    description:
+      - Extra request headers. Their values are hidden from the results and logs like a key,
+        since they often carry credentials.
     type: dict
     default: {}
   model:
@@ -78,7 +72,6 @@ options:
     default: true
   timeout:
     description: Seconds to wait for the server to become ready (model loading included).
-    type: int
     default: 300
   interval:
     description: Seconds between readiness attempts.
@@ -98,10 +91,6 @@ options:
     description: Fail when fewer tokens were generated.
     type: int
     default: 1
-  validate_certs:
-    description: Verify TLS certificates for an C(https) O(url).
-    type: bool
-    default: true
 seealso:
   - module: llmstack.inference.model_load
 """
@@ -190,14 +179,14 @@ from typing import Any, Dict, List, Optional
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llmstack.inference.plugins.module_utils._http import (
+    HttpConfigError,
     HttpResult,
     TransportError,
-    fetch,
+    client_from_params,
+    http_argument_spec,
     iter_sse,
-    join_url,
-    open_url,
 )
-from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import parse_api_tokens
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import key_from_params
 
 NOT_READY = (502, 503, 504)
 
@@ -210,22 +199,13 @@ class Probe:
         self.deadline = self.started + self.params["timeout"]
         self.attempts = 0
         self.result = {"changed": False}  # type: Dict[str, Any]
-        self.headers = self._headers()
+        try:
+            self.client = client_from_params(self.params, self._headers())
+        except HttpConfigError as exc:
+            self.fail(str(exc))
 
     def _headers(self) -> Dict[str, str]:
-        key = self.params["api_key"]
-        if not key and self.params["api_tokens_file"]:
-            path = self.params["api_tokens_file"]
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    tokens = parse_api_tokens(handle.read())
-            except OSError as exc:
-                self.fail("api_tokens_file %s is not readable (%s): use become, or give api_key" % (path, exc.strerror))
-            key = tokens.get("api_key")
-            if isinstance(key, list):
-                key = key[0] if key else None
-            if not key:
-                self.fail("api_tokens_file %s has no api_key: give api_key" % path)
+        key = key_from_params(self.module, "api_key", "api_key")
         headers = {}
         if key and self.params["auth_header"] != "none":
             if self.params["auth_header"] == "x-api-key":
@@ -259,13 +239,10 @@ class Probe:
         self.fail("%s answered HTTP %d: %s%s" % (what, result.status, result.error_detail(), hint))
 
     def wait_ready(self) -> List[str]:
-        url = join_url(self.params["url"], "/v1/models")
         while True:
             self.attempts += 1
             try:
-                answer = fetch(
-                    "GET", url, self.headers, None, max(1.0, min(30.0, self.remaining())), self.params["validate_certs"]
-                )
+                answer = self.client.call("GET", "/v1/models", timeout=max(1.0, min(30.0, self.remaining())))
             except TransportError as exc:
                 self.wait_or_fail(str(exc))
                 continue
@@ -290,14 +267,11 @@ class Probe:
         }  # type: Dict[str, Any]
         if params["stream"]:
             payload["stream_options"] = {"include_usage": True}
-        url = join_url(params["url"], "/v1/chat/completions")
         while True:
             self.attempts += 1
             sent = time.monotonic()
             try:
-                response = open_url(
-                    "POST", url, self.headers, payload, params["request_timeout"], params["validate_certs"]
-                )
+                response = self.client.open_stream("POST", "/v1/chat/completions", payload, params["request_timeout"])
             except TransportError as exc:
                 self.wait_or_fail(str(exc))
                 continue
@@ -420,26 +394,23 @@ class Probe:
 
 
 def main() -> None:
+    argument_spec = http_argument_spec("api_key", timeout=300)
+    argument_spec.update(
+        auth_header=dict(type="str", choices=["authorization", "x-api-key", "none"], default="authorization"),
+        headers=dict(type="dict", default={}, no_log=True),
+        model=dict(type="str"),
+        expect_model=dict(type="str"),
+        prompt=dict(type="str", default="Say hello."),
+        max_tokens=dict(type="int", default=32, no_log=False),
+        stream=dict(type="bool", default=True),
+        interval=dict(type="float", default=2.0),
+        request_timeout=dict(type="int", default=120),
+        min_tokens_per_second=dict(type="float", no_log=False),
+        max_ttft_ms=dict(type="float"),
+        min_completion_tokens=dict(type="int", default=1, no_log=False),
+    )
     module = AnsibleModule(
-        argument_spec=dict(
-            url=dict(type="str", default="http://127.0.0.1:5000"),
-            api_key=dict(type="str", no_log=True),
-            api_tokens_file=dict(type="path"),
-            auth_header=dict(type="str", choices=["authorization", "x-api-key", "none"], default="authorization"),
-            headers=dict(type="dict", default={}),
-            model=dict(type="str"),
-            expect_model=dict(type="str"),
-            prompt=dict(type="str", default="Say hello."),
-            max_tokens=dict(type="int", default=32, no_log=False),
-            stream=dict(type="bool", default=True),
-            timeout=dict(type="int", default=300),
-            interval=dict(type="float", default=2.0),
-            request_timeout=dict(type="int", default=120),
-            min_tokens_per_second=dict(type="float", no_log=False),
-            max_ttft_ms=dict(type="float"),
-            min_completion_tokens=dict(type="int", default=1, no_log=False),
-            validate_certs=dict(type="bool", default=True),
-        ),
+        argument_spec=argument_spec,
         supports_check_mode=True,
     )
     module.exit_json(**Probe(module).run())

@@ -253,7 +253,12 @@ def test_admin_key_from_api_tokens_file(tabby, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "needle"),
-    [(None, "is not readable"), ("api_key: x\n", "has no admin_key"), ("", "has no admin_key")],
+    [
+        (None, "is not readable"),
+        ("api_key: x\n", "has no admin_key"),
+        ("", "has no admin_key"),
+        ("admin_key: [x\n", "is not valid YAML"),
+    ],
 )
 def test_bad_api_tokens_file(tabby, capsys, tmp_path, content, needle):
     tokens = tmp_path / "api_tokens.yml"
@@ -262,6 +267,16 @@ def test_bad_api_tokens_file(tabby, capsys, tmp_path, content, needle):
     code, out = run_module(capsys, url=tabby.url, api_tokens_file=str(tokens), model_name="Small")
     assert code == 1
     assert needle in out["msg"]
+
+
+def test_admin_key_from_api_tokens_file_is_masked(tabby, capsys, tmp_path):
+    tokens = tmp_path / "api_tokens.yml"
+    tokens.write_text("admin_key: %s\n" % ADMIN)
+    tabby.load_script = ['data: {"error": {"message": "key %s refused"}}\r\n\r\n' % ADMIN]
+    code, out = run_module(capsys, url=tabby.url, api_tokens_file=str(tokens), model_name="Big")
+    assert code == 1
+    assert ADMIN not in json.dumps(out)
+    assert "key ******** refused" in out["msg"]
 
 
 def test_unreachable_server(capsys):

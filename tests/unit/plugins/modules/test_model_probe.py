@@ -81,6 +81,9 @@ def make_handler(fake):
             b = fake.behaviour
             time.sleep(b.get("prefill_s", 0))
             words = WORDS[: body["max_tokens"]]
+            if b.get("echo"):
+                # Answers with request header values, as a misbehaving proxy or log might.
+                words = [" ".join(self.headers.get(name, "") for name in b["echo"])]
             usage = {"prompt_tokens": 7, "completion_tokens": len(words) + b.get("reasoning", 0), "total_tokens": 0}
             if not body.get("stream"):
                 time.sleep(b.get("token_s", 0) * len(words))
@@ -270,3 +273,60 @@ def test_empty_model_list_fails(servers, capsys):
     code, out = run_module(capsys, url=url, api_key=KEY)
     assert code == 1
     assert "lists no model" in out["msg"]
+
+
+def test_keys_and_headers_are_masked_in_results(servers, capsys, tmp_path):
+    secret = "s3cr3t-header-value"
+    _fake, url = start_fake(servers, echo=["Authorization", "X-Secret"])
+    tokens = tmp_path / "api_tokens.yml"
+    tokens.write_text("api_key: %s\n" % KEY)
+    code, out = run_module(
+        capsys, url=url, api_tokens_file=str(tokens), headers={"X-Secret": secret}, stream=False, timeout=5
+    )
+    assert code == 0, out
+    # The key read from the file and the no_log headers never leave the module in clear.
+    assert KEY not in json.dumps(out)
+    assert secret not in json.dumps(out)
+    assert out["text"] == "Bearer ******** ********"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ({"ca_path": "/nonexistent/ca.pem"}, "ca_path /nonexistent/ca.pem is not a file"),
+        ({"client_cert": "/nonexistent/cert.pem"}, "client_cert /nonexistent/cert.pem is not a file"),
+        ({"url": "file:///etc/passwd"}, "only http:// and https:// URLs are supported"),
+    ],
+)
+def test_unusable_settings_fail_at_once(capsys, args, needle):
+    # Not retried as "not up yet" until timeout: no wait fixes a missing file.
+    started = time.monotonic()
+    params = {"url": "https://127.0.0.1:%d" % free_port(), "timeout": 30}
+    params.update(args)
+    code, out = run_module(capsys, **params)
+    assert code == 1
+    assert needle in out["msg"]
+    assert out["attempts"] == 0
+    assert time.monotonic() - started < 5
+
+
+def test_probe_over_a_unix_socket(capsys, tmp_path):
+    import socketserver
+
+    class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    class Handler(make_handler(FakeServer())):
+        def address_string(self):
+            return "unix"
+
+    path = str(tmp_path / "engine.sock")
+    server = UnixServer(path, Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        code, out = run_module(capsys, url="http://engine", unix_socket=path, api_key=KEY, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0, out
+    assert out["text"] == "".join(WORDS)
