@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -17,38 +14,18 @@ from aiohttp import web
 from .config import ModelSpec, RouterConfig
 from .control import kill_all_spawned
 from .engines import upstream_headers
-from .group import Lane, LoadFailed
-from .logs import request_id
+from .group import Lane, LoadFailed, build_lanes
 from .metrics import Gauge, Metrics
-from .scheduler import Phase, QueueFull
+from .middleware import MODEL_ID, REQUEST_ID, STATUS, Keys, Need, access_log, auth, errors, request_ids
+from .responses import BadRequest, openai_error, sse_error
+from .scheduler import QueueFull
 from .upstream import Upstream, UpstreamError
 from .vram import VramProbe, make_probe
 
 log = logging.getLogger("llmstack_router.app")
-access_log = logging.getLogger("llmstack_router.access")
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
-REQUEST_ID = web.RequestKey("request_id", str)
-MODEL_ID = web.RequestKey("model_id", str)
-STATUS = web.RequestKey("status", int)
-
-
-def openai_error(status: int, message: str, err_type: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
-
-
-def sse_error(message: str, err_type: str, code: str) -> bytes:
-    body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def _validate(path: str, payload: Any) -> None:
@@ -81,8 +58,6 @@ class Router:
         self.upstreams = {name: Upstream(b.url) for name, b in config.backends.items()}
         self._upstream_headers = {name: {"Content-Type": "application/json", **upstream_headers(b)}
                                   for name, b in config.backends.items()}
-        self._api_keys = [k.encode() for k in config.auth.api_keys]
-        self._admin_keys = [k.encode() for k in config.auth.admin_keys]
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -91,22 +66,13 @@ class Router:
         # per request, which is most of what a proxy hop costs on loopback.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=75, force_close=False)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        for group in self.config.groups.values():
-            members = [b for b in self.config.backends.values() if b.group == group.name]
-            exclusive = [b for b in members if not b.co_reside]
-            lanes = ([Lane(group.name, group, exclusive, self.config, self.session, self.probe, self.metrics,
-                           self._held_elsewhere)] if exclusive else [])
-            lanes += [Lane(f"{group.name}/{b.name}", group, [b], self.config, self.session, self.probe,
-                           self.metrics, self._held_elsewhere) for b in members if b.co_reside]
-            for lane in lanes:
-                self.lanes.append(lane)
-                for model_id in lane.models:
-                    self.lane_of[model_id] = lane
+        self.lanes = build_lanes(self.config, self.session, self.probe, self.metrics, self._held_elsewhere)
+        self.lane_of = {model_id: lane for lane in self.lanes for model_id in lane.models}
         await asyncio.gather(*(lane.adopt_running() for lane in self.lanes))
         self.metrics.add_gauge(Gauge("llmrouter_queue_depth", "Requests waiting for a model, by lane.", ("lane",),
-                                     lambda: {(lane.name,): lane.core.queue_depth() for lane in self.lanes}))
+                                     lambda: {(lane.name,): lane.snapshot().queue_depth for lane in self.lanes}))
         self.metrics.add_gauge(Gauge("llmrouter_in_flight", "Requests being served, by lane.", ("lane",),
-                                     lambda: {(lane.name,): lane.core.in_flight for lane in self.lanes}))
+                                     lambda: {(lane.name,): lane.snapshot().in_flight for lane in self.lanes}))
         self.metrics.add_gauge(Gauge("llmrouter_model_loaded", "1 if the model is up.", ("model",),
                                      lambda: {(m,): float(self.is_loaded(m)) for m in self.config.models}))
 
@@ -121,52 +87,13 @@ class Router:
     def _held_elsewhere(self, lane: Lane) -> int:
         held = 0
         for other in self.lanes:
-            if other is not lane and other.group.name == lane.group.name and other.core.active:
-                held += other.models[other.core.active].vram_mib or 0
+            active = other.snapshot().active
+            if other is not lane and other.group.name == lane.group.name and active:
+                held += other.models[active].vram_mib or 0
         return held
 
     def is_loaded(self, model_id: str) -> bool:
-        lane = self.lane_of[model_id]
-        return lane.core.active == model_id and lane.core.phase in (Phase.READY, Phase.DRAINING)
-
-    # ---- auth ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _bearer(request: web.Request) -> bytes | None:
-        header = request.headers.get("Authorization", "")
-        scheme, _space, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        return token.strip().encode("utf-8", errors="replace")
-
-    @staticmethod
-    def _matches(token: bytes | None, keys: list[bytes]) -> bool:
-        if token is None:
-            return False
-        found = False
-        for key in keys:  # no early exit: the time taken does not tell which key matched
-            found |= hmac.compare_digest(token, key)
-        return found
-
-    def check_api_key(self, request: web.Request) -> web.Response | None:
-        if self.config.auth.allow_unauthenticated:
-            return None
-        if self._matches(self._bearer(request), self._api_keys):
-            return None
-        return openai_error(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_request_error",
-                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    def check_admin_key(self, request: web.Request) -> web.Response | None:
-        if self._matches(self._bearer(request), self._admin_keys):
-            return None
-        return openai_error(401, "admin key required (Authorization: Bearer <admin key>)", "invalid_request_error",
-                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    def check_any_key(self, request: web.Request) -> web.Response | None:
-        token = self._bearer(request)
-        if self._matches(token, self._admin_keys):
-            return None
-        return self.check_api_key(request)
+        return self.lane_of[model_id].snapshot().loaded == model_id
 
     # ---- OpenAI routes -------------------------------------------------------------------
 
@@ -176,9 +103,6 @@ class Router:
                             "model_not_found", "model")
 
     async def list_models(self, request: web.Request) -> web.Response:
-        denied = self.check_api_key(request)
-        if denied is not None:
-            return denied
         created = int(self.started)
         data = [{
             "id": model.id, "object": "model", "created": created, "owned_by": "llmstack-router",
@@ -188,9 +112,6 @@ class Router:
         return web.json_response({"object": "list", "data": data})
 
     async def inference(self, request: web.Request) -> web.StreamResponse:
-        denied = self.check_api_key(request)
-        if denied is not None:
-            return denied
         body = await request.read()
         try:
             payload = json.loads(body)
@@ -322,17 +243,9 @@ class Router:
         return {"uptime_s": round(time.time() - self.started, 1), "groups": [lane.status() for lane in self.lanes]}
 
     async def status(self, request: web.Request) -> web.Response:
-        if self.config.auth.metrics_require_key:
-            denied = self.check_any_key(request)
-            if denied is not None:
-                return denied
         return web.json_response(self.status_body())
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        if self.config.auth.metrics_require_key:
-            denied = self.check_any_key(request)
-            if denied is not None:
-                return denied
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -346,9 +259,6 @@ class Router:
         return payload
 
     async def admin_load(self, request: web.Request) -> web.Response:
-        denied = self.check_admin_key(request)
-        if denied is not None:
-            return denied
         try:
             payload = await self._admin_json(request)
         except BadRequest as exc:
@@ -371,9 +281,6 @@ class Router:
         return web.json_response({"loaded": model.id, "lane": lane.name})
 
     async def admin_unload(self, request: web.Request) -> web.Response:
-        denied = self.check_admin_key(request)
-        if denied is not None:
-            return denied
         try:
             payload = await self._admin_json(request)
         except BadRequest as exc:
@@ -382,7 +289,7 @@ class Router:
             model = self.config.resolve(payload["model"])
             if model is None:
                 return self.unknown_model(payload["model"])
-            lanes = [self.lane_of[model.id]] if self.lane_of[model.id].core.active == model.id else []
+            lanes = [self.lane_of[model.id]] if self.lane_of[model.id].snapshot().active == model.id else []
         elif isinstance(payload.get("group"), str) and payload["group"] in self.config.groups:
             lanes = [lane for lane in self.lanes if lane.group.name == payload["group"]]
         else:
@@ -393,9 +300,6 @@ class Router:
         return web.json_response({"unloading": [lane.name for lane in lanes]}, status=202)
 
     async def admin_status(self, request: web.Request) -> web.Response:
-        denied = self.check_admin_key(request)
-        if denied is not None:
-            return denied
         body = self.status_body()
         logs = {}
         for lane in self.lanes:
@@ -405,58 +309,31 @@ class Router:
         return web.json_response(body)
 
 
-@web.middleware
-async def _observe(request: web.Request,
-                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-Id", "")
-    if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
-        rid = uuid.uuid4().hex
-    request[REQUEST_ID] = rid
-    token = request_id.set(rid)
-    began = time.monotonic()
-    router = request.app[ROUTER_KEY]
-    status = 500
-    try:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:  # aiohttp's own 404/405/413: keep the status, OpenAI shape
-            response = openai_error(exc.status, exc.reason, "invalid_request_error", exc.reason.lower().replace(
-                " ", "_"))
-        except BadRequest as exc:
-            response = openai_error(400, str(exc), "invalid_request_error", "invalid_request", exc.param)
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = request.get(STATUS, 499)
-            raise
-        except Exception:
-            log.exception("unhandled error")
-            response = openai_error(500, "internal router error; see the router log with this request id",
-                                    "server_error", "internal_error")
-        status = request.get(STATUS, response.status)
-        if not response.prepared:
-            response.headers["X-Request-Id"] = rid
-        return response
-    finally:
-        model = request.get(MODEL_ID)
-        if model is not None:
-            router.metrics.requests.inc(model, str(status))
-        access_log.info("%s %s %s", request.method, request.path, status, extra={
-            "status": status, "model": model, "duration_ms": round((time.monotonic() - began) * 1000, 3)})
-        request_id.reset(token)
+def route_table(router: Router) -> list[tuple[str, str, Any, Need]]:
+    """Every route: method, path, handler, and the key it takes (the auth middleware reads it)."""
+    ops = Need.ANY if router.config.auth.metrics_require_key else Need.NONE
+    return [
+        ("GET", "/health", router.health, Need.NONE),
+        ("GET", "/status", router.status, ops),
+        ("GET", "/metrics", router.metrics_text, ops),
+        ("GET", "/v1/models", router.list_models, Need.API),
+        *(("POST", path, router.inference, Need.API) for path in INFERENCE_PATHS),
+        ("POST", "/admin/load", router.admin_load, Need.ADMIN),
+        ("POST", "/admin/unload", router.admin_unload, Need.ADMIN),
+        ("GET", "/admin/status", router.admin_status, Need.ADMIN),
+    ]
 
 
 def create_app(config: RouterConfig, probe: VramProbe | None = None) -> web.Application:
     router = Router(config, probe)
-    app = web.Application(middlewares=[_observe], client_max_size=config.max_body_bytes)
+    routes = route_table(router)
+    needs = {path: need for _method, path, _handler, need in routes}
+    middlewares = [request_ids, access_log(router.metrics), errors, auth(Keys(config.auth), needs)]
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[ROUTER_KEY] = router
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
-    app.router.add_get("/health", router.health)
-    app.router.add_get("/status", router.status)
-    app.router.add_get("/metrics", router.metrics_text)
-    app.router.add_get("/v1/models", router.list_models)
-    for path in INFERENCE_PATHS:
-        app.router.add_post(path, router.inference)
-    app.router.add_post("/admin/load", router.admin_load)
-    app.router.add_post("/admin/unload", router.admin_unload)
-    app.router.add_get("/admin/status", router.admin_status)
+    for method, path, handler, _need in routes:
+        # add_get also answers HEAD, as before the route table.
+        (app.router.add_get if method == "GET" else app.router.add_post)(path, handler)
     return app

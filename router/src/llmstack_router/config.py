@@ -15,11 +15,14 @@ from typing import Any
 
 import yaml
 
-ENGINES = ("tabbyapi", "vllm", "sglang", "llamacpp", "ollama", "openai")
-# Engines that can switch models inside one running process through an admin API.
-IN_PLACE_ENGINES = ("tabbyapi",)
+from .engines import ENGINES
+
+# Each default is written once, as the dataclass field's default below; the parser reads it
+# back from the class (``GroupSpec.queue_size``), config.schema.json mirrors it (checked by
+# tests/test_router_schema.py).
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@\\-]{0,250}\.(service|scope|target)$")
+_URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 
 
 class ConfigError(ValueError):
@@ -215,7 +218,7 @@ def _one_key(reader: _Reader, inline: str, file_key: str) -> str | None:
 
 
 def _url(value: str, key: str) -> str:
-    if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+    if not _URL_RE.match(value):
         raise ConfigError(key, f"must be an http(s) URL like http://127.0.0.1:8080, got {value!r}")
     return value.rstrip("/")
 
@@ -286,10 +289,11 @@ def _backend(name: str, raw: Any, groups: dict[str, GroupSpec]) -> BackendSpec:
     assert engine is not None
     assert group is not None
     models = _models(reader, name)
-    if len(models) > 1 and engine not in (*IN_PLACE_ENGINES, "ollama", "openai"):
+    engine_class = ENGINES[engine]
+    if len(models) > 1 and not engine_class.serves_many_models:
         raise ConfigError(reader.sub("models"), f"a {engine} process serves one model; declare one backend per model")
     tabby_config = reader.string("tabby_config")
-    if tabby_config and engine != "tabbyapi":
+    if tabby_config and "tabby_config" not in engine_class.config_keys:
         raise ConfigError(reader.sub("tabby_config"), "only a tabbyapi backend has a tabby config.yml")
     backend = BackendSpec(
         name=name,
@@ -298,10 +302,10 @@ def _backend(name: str, raw: Any, groups: dict[str, GroupSpec]) -> BackendSpec:
         url=_url(url_text, reader.sub("url")),
         control=_control(reader, key),
         models=models,
-        co_reside=reader.boolean("co_reside", False),
-        ready_timeout_s=reader.number("ready_timeout_s", 300.0, minimum=0.1),
-        stop_timeout_s=reader.number("stop_timeout_s", 60.0, minimum=0.1),
-        request_timeout_s=reader.number("request_timeout_s", 600.0, minimum=1.0),
+        co_reside=reader.boolean("co_reside", BackendSpec.co_reside),
+        ready_timeout_s=reader.number("ready_timeout_s", BackendSpec.ready_timeout_s, minimum=0.1),
+        stop_timeout_s=reader.number("stop_timeout_s", BackendSpec.stop_timeout_s, minimum=0.1),
+        request_timeout_s=reader.number("request_timeout_s", BackendSpec.request_timeout_s, minimum=1.0),
         api_key=_one_key(reader, "api_keys", "api_key_file"),
         admin_key=_one_key(reader, "admin_keys", "admin_key_file"),
         tabby_config=tabby_config,
@@ -318,12 +322,14 @@ def _group(name: str, raw: Any) -> GroupSpec:
     spec = GroupSpec(
         name=name,
         gpus=tuple(gpus),
-        queue_size=reader.integer("queue_size", 64, minimum=1) or 64,
-        min_residency_s=reader.number("min_residency_s", 10.0),
-        idle_ttl_s=reader.number("idle_ttl_s", 0.0),
-        vram_mib=reader.integer("vram_mib", None, minimum=1),
-        vram_release_timeout_s=reader.number("vram_release_timeout_s", 30.0, minimum=0.1),
-        vram_release_slack_mib=reader.integer("vram_release_slack_mib", 512) or 0,
+        queue_size=reader.integer("queue_size", GroupSpec.queue_size, minimum=1) or GroupSpec.queue_size,
+        min_residency_s=reader.number("min_residency_s", GroupSpec.min_residency_s),
+        idle_ttl_s=reader.number("idle_ttl_s", GroupSpec.idle_ttl_s),
+        vram_mib=reader.integer("vram_mib", GroupSpec.vram_mib, minimum=1),
+        vram_release_timeout_s=reader.number("vram_release_timeout_s", GroupSpec.vram_release_timeout_s,
+                                             minimum=0.1),
+        # An explicit null means 0 here (no slack), unlike the other keys, where it means the default.
+        vram_release_slack_mib=reader.integer("vram_release_slack_mib", GroupSpec.vram_release_slack_mib) or 0,
     )
     reader.finish()
     return spec
@@ -332,8 +338,8 @@ def _group(name: str, raw: Any) -> GroupSpec:
 def parse_config(data: Any) -> RouterConfig:
     top = _Reader(data, "")
     listen = _Reader(top.get("listen", {}) or {}, "listen")
-    host = listen.string("host", "127.0.0.1") or "127.0.0.1"
-    port = listen.integer("port", 8002, minimum=1) or 8002
+    host = listen.string("host", RouterConfig.host) or RouterConfig.host
+    port = listen.integer("port", RouterConfig.port, minimum=1) or RouterConfig.port
     if port > 65535:
         raise ConfigError("listen.port", f"must be <= 65535, got {port}")
     listen.finish()
@@ -342,8 +348,8 @@ def parse_config(data: Any) -> RouterConfig:
     auth = AuthSpec(
         api_keys=_keys(auth_reader, "api_keys", "api_keys_file"),
         admin_keys=_keys(auth_reader, "admin_keys", "admin_keys_file"),
-        allow_unauthenticated=auth_reader.boolean("allow_unauthenticated", False),
-        metrics_require_key=auth_reader.boolean("metrics_require_key", True),
+        allow_unauthenticated=auth_reader.boolean("allow_unauthenticated", AuthSpec.allow_unauthenticated),
+        metrics_require_key=auth_reader.boolean("metrics_require_key", AuthSpec.metrics_require_key),
     )
     auth_reader.finish()
     if not auth.api_keys and not auth.allow_unauthenticated:
@@ -384,20 +390,23 @@ def parse_config(data: Any) -> RouterConfig:
                 names[alias] = model.id
             models[model.id] = model
 
-    vram_probe = top.string("vram_probe", "none")
+    vram_probe = top.string("vram_probe", RouterConfig.vram_probe)
     if vram_probe not in ("none", "nvidia-smi"):
         raise ConfigError("vram_probe", f"must be 'none' or 'nvidia-smi', got {vram_probe!r}")
-    log_level = (top.string("log_level", "INFO") or "INFO").upper()
+    log_level = (top.string("log_level", RouterConfig.log_level) or RouterConfig.log_level).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    systemctl = top.string_list("systemctl") or ("systemctl",)
-    journalctl = top.string_list("journalctl") or ("journalctl",)
+    systemctl = top.string_list("systemctl") or RouterConfig.systemctl
+    journalctl = top.string_list("journalctl") or RouterConfig.journalctl
     config = RouterConfig(
         host=host,
         port=port,
-        max_body_bytes=top.integer("max_body_bytes", 4 * 1024 * 1024, minimum=1024) or 4 * 1024 * 1024,
-        loading_progress_interval_s=top.number("loading_progress_interval_s", 5.0, minimum=0.05),
-        ready_poll_interval_s=top.number("ready_poll_interval_s", 0.025, minimum=0.005),
+        max_body_bytes=(top.integer("max_body_bytes", RouterConfig.max_body_bytes, minimum=1024)
+                        or RouterConfig.max_body_bytes),
+        loading_progress_interval_s=top.number("loading_progress_interval_s", RouterConfig.loading_progress_interval_s,
+                                               minimum=0.05),
+        ready_poll_interval_s=top.number("ready_poll_interval_s", RouterConfig.ready_poll_interval_s,
+                                         minimum=0.005),
         log_level=log_level,
         systemctl=systemctl,
         journalctl=journalctl,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from .config import CommandControl, UnitControl
+from .config import BackendSpec, CommandControl, RouterConfig, UnitControl
 
 log = logging.getLogger("llmstack_router.control")
 _PR_SET_PDEATHSIG = 1
@@ -245,3 +245,13 @@ def kill_all_spawned() -> None:
     """Last resort on router exit: no spawned backend may outlive the router."""
     for controller in list(CommandController.live):
         controller.kill_now()
+
+
+def make_controller(spec: BackendSpec, config: RouterConfig, on_exit: Callable[[int], None]) -> Controller:
+    """The controller the backend's config asks for: none (external), a unit, or a spawned command."""
+    control = spec.control
+    if control is None:
+        return ExternalController()
+    if isinstance(control, UnitControl):
+        return UnitController(control, config.systemctl, config.journalctl)
+    return CommandController(control, spec.name, on_exit=on_exit)

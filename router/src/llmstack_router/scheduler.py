@@ -8,6 +8,7 @@ design.md states, and what lets the unit tests drive it with a fake clock.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -64,12 +65,36 @@ class StartUnload:
 Action = Grant | Reject | StartLoad | StartUnload
 
 
+@dataclass(frozen=True)
+class LaneState:
+    """A read-only copy of a lane's state for everything outside the lane (app, metrics, status)."""
+
+    phase: Phase
+    active: str | None
+    target: str | None
+    in_flight: int
+    queue_depth: int
+    swaps: int
+    last_error: str | None
+
+    @property
+    def loaded(self) -> str | None:
+        """The model that is up and serving (or finishing) requests: ``ready`` or ``draining``.
+
+        The one definition of "loaded": /v1/models, the loaded gauge and /status all use it.
+        While ``unloading`` the model is being stopped and counts as not loaded.
+        """
+        return self.active if self.phase in (Phase.READY, Phase.DRAINING) else None
+
+
 @dataclass
 class GroupScheduler:
+    # Settings (no defaults here: they come from the group's config, config.GroupSpec).
     name: str
-    queue_size: int = 64
-    min_residency_s: float = 10.0
-    idle_ttl_s: float = 0.0
+    queue_size: int
+    min_residency_s: float
+    idle_ttl_s: float
+    # State: written only by the event methods below.
     phase: Phase = Phase.IDLE
     active: str | None = None
     target: str | None = None
@@ -83,12 +108,17 @@ class GroupScheduler:
     waiters: deque[Waiter] = field(default_factory=deque)
     swaps: int = 0
     last_error: str | None = None
+    # What a full queue's 503 says in Retry-After: the last successful swap's duration.
     retry_after_s: int = 5
 
     # ---- queries -------------------------------------------------------------------------
 
     def queue_depth(self) -> int:
         return len(self.waiters)
+
+    def snapshot(self) -> LaneState:
+        return LaneState(self.phase, self.active, self.target, self.in_flight, len(self.waiters), self.swaps,
+                         self.last_error)
 
     def next_wake(self) -> float | None:
         """When the driver must call ``tick`` even if no other event arrives."""
@@ -130,10 +160,14 @@ class GroupScheduler:
             return []
         return self._advance(now)
 
-    def load_finished(self, model: str, error: str | None, active_after: str | None, now: float) -> list[Action]:
+    def load_finished(self, model: str, error: str | None, active_after: str | None, now: float,
+                      took_s: float | None = None) -> list[Action]:
         """A swap ended. ``active_after`` is what is up now: ``model`` on success; on failure
-        the previous model when the swap stopped nothing (pre-flight refused), else None."""
+        the previous model when the swap stopped nothing (pre-flight refused), else None.
+        ``took_s``, the swap's duration, becomes the Retry-After of a full queue (success only)."""
         actions: list[Action] = []
+        if error is None and took_s is not None:
+            self.retry_after_s = max(1, math.ceil(took_s))
         self.target = None
         self.swaps += 1
         self.epoch += 1
