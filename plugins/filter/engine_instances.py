@@ -27,7 +27,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,}$")
 _PLACEHOLDER = re.compile(r"^(changeme|change-me|secret|password)$", re.IGNORECASE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_WILDCARD = ("0.0.0.0", "::", "")
+# Wildcard binds (never chosen here: only recognized, to probe them on loopback).
+_WILDCARD = ("0.0.0.0", "::", "")  # noqa: S104
 # Keys router_backends and litellm_model_list read from the same entries.
 ROUTER_KEYS = {"aliases", "vram_mib", "router_group"}
 COMMON_KEYS = {"name", "model", "served_model_name", "port", "host", "api_key", "state", "enabled", "devices",
@@ -108,7 +109,8 @@ def _env_file(engine: str, env: Mapping[str, Any]) -> str:
 
 def _yaml_file(engine: str, title: str, args: Mapping[str, Any]) -> str:
     body = yaml.safe_dump(dict(args), default_flow_style=False, sort_keys=False, indent=2, width=1000)
-    return _HEADER.format(engine=engine) + f"# {title} reads this through --config: each key is a long option, true is a bare flag.\n" + body
+    note = f"# {title} reads this through --config: each key is a long option, true is a bare flag.\n"
+    return _HEADER.format(engine=engine) + note + body
 
 
 def _llamacpp(inst: _Instance, base: dict[str, Any], s: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,7 +121,8 @@ def _llamacpp(inst: _Instance, base: dict[str, Any], s: Mapping[str, Any]) -> di
     checksum = inst.str("model_checksum")
     if is_url and not re.match(r"^(sha256|sha512):[0-9a-fA-F]+$", checksum):
         raise inst.fail("a model URL needs model_checksum: sha256:<hex> (or sha512:<hex>)")
-    model_path = f"{s['models_dir'].rstrip('/')}/{model.split('?')[0].rstrip('/').rsplit('/', 1)[-1]}" if is_url else model
+    basename = model.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    model_path = f"{s['models_dir'].rstrip('/')}/{basename}" if is_url else model
     impl = inst.str("server_impl", s["server_impl"])
     if impl not in ("python", "binary"):
         raise inst.fail(f"server_impl must be python or binary (got {impl!r})")
@@ -142,8 +145,8 @@ def _llamacpp(inst: _Instance, base: dict[str, Any], s: Mapping[str, Any]) -> di
     args += extra
     spaced = [word for word in args if re.search(r"\s", word)]
     if spaced:
-        raise inst.fail(f"model, served_model_name and extra_args may not contain whitespace ({spaced}): give each word "
-                        "as its own list item")
+        raise inst.fail(f"model, served_model_name and extra_args may not contain whitespace ({spaced}): "
+                        "give each word as its own list item")
     model_dir = model_path.rsplit("/", 1)[0] or "/"
     env = {}
     if base["api_key"]:

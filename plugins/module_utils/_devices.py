@@ -21,9 +21,9 @@ class DeviceError(ValueError):
 
 def parse_devices(value) -> list[str]:
     """Return the device tokens of ``value``: None/""/[] -> [], 2 -> ["2"], "0, 1" or [0, "1"] -> ["0", "1"]."""
-    if value is None or isinstance(value, bool):
-        if value is None:
-            return []
+    if value is None:
+        return []
+    if isinstance(value, bool):
         raise DeviceError(f"{value!r} is not a device list")
     if isinstance(value, int):
         items = [str(value)]
@@ -36,7 +36,7 @@ def parse_devices(value) -> list[str]:
                 raise DeviceError(f"device {item!r} is neither an index nor a UUID")
             items += str(item).split(",")
     else:
-        raise DeviceError(f"{value!r} is not a device list (give indexes or UUIDs, as a list or a comma-separated string)")
+        raise DeviceError(f"{value!r} is not a device list (indexes or UUIDs, a list or a comma-separated string)")
     tokens = [item.strip() for item in items if item.strip()]
     for token in tokens:
         if not _TOKEN.match(token):
