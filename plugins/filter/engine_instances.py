@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from ansible.errors import AnsibleFilterError
+from ansible.parsing.yaml.dumper import AnsibleDumper
 from ansible.utils.display import Display
 from ansible_collections.llmstack.inference.plugins.module_utils._devices import (
     DeviceError,
@@ -108,7 +109,8 @@ def _env_file(engine: str, env: Mapping[str, Any]) -> str:
 
 
 def _yaml_file(engine: str, title: str, args: Mapping[str, Any]) -> str:
-    body = yaml.safe_dump(dict(args), default_flow_style=False, sort_keys=False, indent=2, width=1000)
+    # AnsibleDumper (as to_nice_yaml): the values are Ansible's tagged strings, which safe_dump refuses.
+    body = yaml.dump(dict(args), Dumper=AnsibleDumper, default_flow_style=False, sort_keys=False, indent=2, width=1000)
     note = f"# {title} reads this through --config: each key is a long option, true is a bare flag.\n"
     return _HEADER.format(engine=engine) + note + body
 

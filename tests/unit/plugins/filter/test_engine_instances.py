@@ -226,3 +226,11 @@ def test_api_keys_never_appear_in_errors():
 
 def test_filters_are_registered():
     assert set(FilterModule().filters()) == {"engine_instances", "engine_deprecations"}
+
+
+def test_tagged_inventory_strings_reach_the_argument_file():
+    # Inventory values arrive as Ansible's tagged strings, which yaml.safe_dump refuses ("cannot represent").
+    from ansible.template import trust_as_template
+
+    inst = one("sglang", model=trust_as_template("/m/a"), extra_args={trust_as_template("enable-metrics"): True})
+    assert args_of(inst["args_content"])["enable-metrics"] is True
