@@ -39,7 +39,7 @@ def one(engine: str, settings: dict | None = None, **instance):
 
 def env_of(content: str) -> dict[str, str]:
     lines = [line for line in content.splitlines() if line and not line.startswith("#")]
-    return {k: v.strip('"') for k, _, v in (line.partition("=") for line in lines)}
+    return {k: v.strip('"') for k, _sep, v in (line.partition("=") for line in lines)}
 
 
 def args_of(content: str) -> dict:
