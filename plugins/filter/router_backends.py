@@ -9,21 +9,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.llmstack.inference.plugins.module_utils._devices import DeviceError, gpu_group, parse_devices
 
 # Documentation: router_backends.yml, router_config.yml, router_key_files.yml (one file per filter).
 
 INSTANCE_ROLES = ("llamacpp", "vllm", "sglang")
 SETTING_KEYS = ("co_reside", "ready_timeout_s", "stop_timeout_s", "request_timeout_s")
 _INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_DEVICES = re.compile(r"^\d+(,\d+)*$")
 
 
-def _gpu_group(devices: Any) -> tuple[str, list[int]] | None:
-    text = str(devices if devices is not None else "").replace(" ", "")
-    if not text or not _DEVICES.match(text):
-        return None
-    gpus = [int(d) for d in text.split(",")]
-    return "gpu" + "-".join(str(g) for g in gpus), gpus
+def _gpu_group(devices: Any, where: str) -> tuple[str, list[int]] | None:
+    # The engine roles' own parser: indexes give a group, UUIDs (no index to group by) fall back to the default.
+    try:
+        return gpu_group(parse_devices(devices))
+    except DeviceError as exc:
+        raise AnsibleFilterError(f"{where}: {exc}") from None
 
 
 def _model(model_id: str, served_name: str, *sources: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def _backend(
     default_group: str, settings: Mapping[str, Any],
 ) -> dict[str, Any]:
     own = settings.get(name) or {}
-    derived = _gpu_group(source.get("cuda_visible_devices"))
+    derived = _gpu_group(source.get("devices"), name)
     group = source.get("router_group") or own.get("group") or (derived[0] if derived else default_group)
     backend: dict[str, Any] = {
         "name": name,
@@ -74,11 +74,14 @@ def _instances(hv: Mapping[str, Any], role: str, default_group: str, settings: M
         except (KeyError, TypeError, ValueError) as exc:
             raise AnsibleFilterError(f"{where}.port must be an integer ({exc})") from exc
         backend_name = f"{role}-{name}"
+        # alias, cuda_visible_devices: the previous release's names (the roles warn about them).
         model_id = str(instance.get("served_model_name") or instance.get("alias") or name)
         own = settings.get(backend_name) or {}
         models = [_model(model_id, model_id, instance, own)]
-        # llamacpp has one key for every instance (llamacpp_api_key); vllm/sglang one per instance.
-        source = {**instance, "api_key": instance.get("api_key") or hv.get(f"{role}_api_key") or ""}
+        # An instance's own key, else its role's default (<role>_api_key), as the roles write it.
+        devices = instance.get("devices", instance.get("cuda_visible_devices"))
+        source = {**instance, "devices": devices,
+                  "api_key": instance.get("api_key") or hv.get(f"{role}_api_key") or ""}
         backends.append(_backend(backend_name, role, f"http://127.0.0.1:{port}", f"{role}@{name}.service",
                                  models, source, default_group, settings))
     return backends
@@ -90,7 +93,7 @@ def _tabbyapi(hv: Mapping[str, Any], default_group: str, settings: Mapping[str, 
     if not model_id:
         return []
     source = {
-        "cuda_visible_devices": hv.get("tabbyapi_cuda_visible_devices"),
+        "devices": hv.get("tabbyapi_cuda_visible_devices"),
         "api_key": hv.get("tabbyapi_api_key"),
         "admin_key": hv.get("tabbyapi_admin_key"),
     }

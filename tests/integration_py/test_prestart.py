@@ -63,8 +63,11 @@ FAKE_NVIDIA_SMI = textwrap.dedent(
     state = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "state.json")))
     args = sys.argv[1:]
     selected = None
-    if "-i" in args:
-        selected = {int(i) for i in args[args.index("-i") + 1].split(",")}
+    ids = [a.split("=", 1)[1] for a in args if a.startswith("--id=")]
+    if ids:
+        # Indexes and UUIDs, as the real --id takes them.
+        tokens = set(ids[0].split(","))
+        selected = {g["index"] for g in state["gpus"] if str(g["index"]) in tokens or g.get("uuid") in tokens}
     def running(pid):
         try:
             with open(f"/proc/{pid}/stat") as handle:
@@ -105,7 +108,7 @@ class Guard:
     unit: str = "sgtest.service"
     ports: list[int] = field(default_factory=list)
     model_dirs: list[Path] = field(default_factory=list)
-    gpus: list[int] = field(default_factory=list)
+    gpus: list[int | str] = field(default_factory=list)
     min_free_vram_mib: int = 0
     require_mountpoint: bool = True
     model_mount: str = ""
@@ -424,6 +427,28 @@ def test_insufficient_vram_fails(guard: Guard, users, processes, fake_gpu) -> No
     assert _running(foreign)
 
 
+def test_gpus_are_selected_by_uuid_as_by_index(guard: Guard, users, processes, fake_gpu) -> None:
+    leftover = _spawn(processes, users["service"], _free_port())
+    fake_gpu(
+        gpus=[{"index": 0, "uuid": "GPU-0a1b2c3d-0000-1111-2222-333344445555", "free": 100},
+              {"index": 1, "uuid": "GPU-9f8e7d6c-0000-1111-2222-333344445555", "free": 700}],
+        apps=[{"gpu": 0, "pid": leftover.pid, "used": 5000}],
+    )
+    guard.min_free_vram_mib = 600
+    guard.kill_grace_s = 1
+    guard.gpus = ["GPU-9f8e7d6c-0000-1111-2222-333344445555"]
+    result = guard.run()
+    assert result.returncode == 0, result.output
+    # Only GPU 1 was asked about: the leftover on GPU 0 is outside this service's devices.
+    assert _running(leftover)
+    assert "GPU 1: 700 MiB free" in result.output
+    assert "GPU 0:" not in result.output
+    guard.min_free_vram_mib = 800
+    refused = guard.run()
+    assert refused.returncode == 1
+    assert "on GPU(s) GPU-9f8e7d6c-0000-1111-2222-333344445555" in refused.output
+
+
 def test_journal_priority_prefix_under_systemd(guard: Guard) -> None:
     result = guard.run(env={"JOURNAL_STREAM": "8:12345"})
     assert result.returncode == 0
@@ -440,6 +465,7 @@ def test_journal_priority_prefix_under_systemd(guard: Guard) -> None:
         ("port=70000", "port '70000' is not a TCP port number"),
         ("kill_grace_s=soon", "kill_grace_s 'soon' is not a whole number"),
         ("require_mountpoint=yes", "require_mountpoint must be true or false"),
+        ("gpu=first", "gpu 'first' is neither a GPU index nor a GPU-/MIG- UUID"),
         ("gibberish", "'gibberish' is not key=value"),
     ],
 )

@@ -55,8 +55,10 @@ def test_service_user_is_a_locked_system_user(host) -> None:
         ("/etc/llmstack/llamacpp/instances", "root", "llamacpp", 0o750),
         ("/var/lib/llmstack/llamacpp", "llamacpp", "llamacpp", 0o750),
         ("/etc/llmstack/pip.conf", "root", "root", 0o644),
-        ("/etc/llmstack/llamacpp/api-key.env", "llamacpp", "llamacpp", 0o600),
-        ("/etc/llmstack/llamacpp/instances/smollm2.env", "root", "llamacpp", 0o640),
+        ("/etc/llmstack/llamacpp/instances/smollm2.env", "llamacpp", "llamacpp", 0o600),
+        ("/etc/llmstack/llamacpp/instances/smollm2.args", "root", "llamacpp", 0o640),
+        ("/etc/llmstack/llamacpp/instances/smollm2-bin.env", "llamacpp", "llamacpp", 0o600),
+        ("/etc/llmstack/llamacpp/instances/smollm2-bin.args", "root", "llamacpp", 0o640),
         ("/etc/systemd/system/llamacpp@.service", "root", "root", 0o644),
     ],
 )
@@ -67,11 +69,12 @@ def test_layout_owner_and_mode(host, path: str, owner: str, group: str, mode: in
 
 
 def test_api_key_reaches_both_servers_only_through_the_secret_file(host) -> None:
-    secret = host.file("/etc/llmstack/llamacpp/api-key.env").content_string
-    assert f"API_KEY={KEY}" in secret
-    assert f"LLAMA_API_KEY={KEY}" in secret
     for name in INSTANCES:
-        assert KEY not in host.file(f"/etc/llmstack/llamacpp/instances/{name}.env").content_string
+        # Each instance's own 0600 env file (the role-wide llamacpp_api_key is the default of every instance).
+        secret = host.file(f"/etc/llmstack/llamacpp/instances/{name}.env").content_string
+        assert f'API_KEY="{KEY}"' in secret
+        assert f'LLAMA_API_KEY="{KEY}"' in secret
+        assert KEY not in host.file(f"/etc/llmstack/llamacpp/instances/{name}.args").content_string
         cmdline = host.file(f"/proc/{main_pid(host, f'llamacpp@{name}.service')}/cmdline").content_string
         assert KEY not in cmdline
 

@@ -100,7 +100,8 @@ read_config() {
         fi
     done
     for gpu in "${gpus[@]}"; do
-        is_uint "$gpu" || config_error "config $config: gpu '$gpu' is not a GPU index"
+        is_uint "$gpu" || [[ $gpu =~ ^(GPU-[0-9A-Fa-f-]+|MIG-[0-9A-Za-z/-]+)$ ]] ||
+            config_error "config $config: gpu '$gpu' is neither a GPU index nor a GPU-/MIG- UUID (nvidia-smi -L lists them)"
     done
     is_uint "$min_free_vram_mib" || config_error "config $config: min_free_vram_mib '$min_free_vram_mib' is not a whole number of MiB"
     is_uint "$kill_grace_s" || config_error "config $config: kill_grace_s '$kill_grace_s' is not a whole number of seconds"
@@ -214,8 +215,9 @@ check_ports() {
 
 nvidia_smi_query() {
     local args=("$@")
+    # --id takes indexes and UUIDs alike, comma-separated.
     if ((${#gpus[@]} > 0)); then
-        args+=(-i "$(IFS=,; echo "${gpus[*]}")")
+        args+=("--id=$(IFS=,; echo "${gpus[*]}")")
     fi
     "$nvidia_smi" "${args[@]}" --format=csv,noheader,nounits
 }

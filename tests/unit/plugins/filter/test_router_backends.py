@@ -19,8 +19,9 @@ NODE = {
     ],
     "vllm_instances": [
         {"name": "qwen", "port": 8000, "served_model_name": "qwen-7b", "api_key": "sk-vllm-key-0123456789",
-         "cuda_visible_devices": "0,1", "vram_mib": 30000},
+         "devices": [0, 1], "vram_mib": 30000},
     ],
+    # cuda_visible_devices: the previous release's name of devices, still read.
     "sglang_instances": [{"name": "llama", "port": 30000, "cuda_visible_devices": "1"}],
     "tabbyapi_model_path": "/mnt/models/Monstral-123B-exl2/",
     "tabbyapi_admin_key": "tabby-admin-key-0123456789",
@@ -122,3 +123,15 @@ def test_llamacpp_alias_is_the_model_id_and_the_role_key_goes_upstream():
     (backend,) = router_backends(node, "cpu")
     assert backend["models"][0]["id"] == "smollm2-135m-instruct"
     assert backend["api_key"] == "llamacpp-key-0123456789"
+
+
+def test_gpu_uuids_are_devices_too_but_give_no_indexed_group():
+    node = {"vllm_instances": [{"name": "q", "port": 8000, "devices": "GPU-0a1b2c3d-4e5f-6789-abcd-ef0123456789"}]}
+    backend = router_backends(node, "cpu")[0]
+    # A UUID used to be parsed as nothing (or as GPU 0 by the roles); now it is a device without an index.
+    assert (backend["group"], backend["gpus"]) == ("cpu", [])
+
+
+def test_bad_devices_name_the_backend():
+    with pytest.raises(AnsibleFilterError, match="vllm-q: device 'gpu0'"):
+        router_backends({"vllm_instances": [{"name": "q", "port": 8000, "devices": "gpu0"}]})
