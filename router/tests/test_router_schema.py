@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
+import importlib
 import json
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -295,13 +296,15 @@ def test_examples_agree(config: Any, valid: bool) -> None:
 
 
 def _filter_module() -> Any:
-    path = REPO / "plugins" / "filter" / "router_backends.py"
-    spec = importlib.util.spec_from_file_location("router_backends_filter", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # The filter imports the collection's module_utils by their collection path, so it is imported the same
+    # way, through the .collections/ansible_collections/llmstack/inference link that `make venv` makes.
+    collections = REPO / ".collections"
+    assert (collections / "ansible_collections" / "llmstack" / "inference").exists(), (
+        f"{collections}/ansible_collections/llmstack/inference is missing: run `make venv`"
+    )
+    if str(collections) not in sys.path:
+        sys.path.insert(0, str(collections))
+    return importlib.import_module("ansible_collections.llmstack.inference.plugins.filter.router_backends")
 
 
 def test_the_ansible_filter_renders_a_config_the_schema_accepts() -> None:
