@@ -17,6 +17,7 @@ Variants:
 
   tools/measure-rerun.py                       # 3 x (one node, all hosts)
   tools/measure-rerun.py -n 5 --base ../base --out /tmp/rerun
+  tools/measure-rerun.py --base ../base --base-repetitions 1 --mitogen /tmp/mitogen   # a slow baseline once
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def main() -> int:
     parser.add_argument("--inventory", default="inventory/lab")
     parser.add_argument("--playbook", default="playbooks/site.yml")
     parser.add_argument("--base", help="another checkout to measure side by side (read only)")
+    parser.add_argument(
+        "--base-repetitions", type=int, help="runs of the --base variant (default: -n); fewer when it is slow"
+    )
     parser.add_argument("--mitogen", help="directory holding the ansible_mitogen package (opt-in variant)")
     parser.add_argument("--top", type=int, default=12, help="slowest tasks to list per variant")
     parser.add_argument("--out", help="directory for logs and profiles (default: a new temporary one)")
@@ -174,17 +178,20 @@ def main() -> int:
         flush=True,
     )
     runs: list[Run] = []
+    base_reps = args.base_repetitions or args.repetitions
     for index in range(1, args.repetitions + 1):
         for variant in chosen:
+            if variant.name == "base" and index > base_reps:
+                continue
             for scope, limit in scopes:
                 runs.append(run_once(variant, scope, limit, args, index))
 
     print()
     print(
-        "| variant | one node, median (min-max) | all hosts, median (min-max) | all / one | changed | "
+        "| variant | runs | one node, median (min-max) | all hosts, median (min-max) | all / one | changed | "
         "module runs one / all | load avg |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for variant in chosen:
         mine = [r for r in runs if r.variant == variant.name]
         one = [r for r in mine if r.scope == "one"]
@@ -194,7 +201,7 @@ def main() -> int:
             return f"{median(rs):.1f} s ({min(r.seconds for r in rs):.1f}-{max(r.seconds for r in rs):.1f})"
 
         print(
-            f"| {variant.name} | {span(one)} | {span(every)} | {median(every) / median(one):.2f} | "
+            f"| {variant.name} | {len(one)} | {span(one)} | {span(every)} | {median(every) / median(one):.2f} | "
             f"{sum(r.changed for r in mine)} | {statistics.median(map(module_runs, one)):.0f} / "
             f"{statistics.median(map(module_runs, every)):.0f} | "
             f"{statistics.mean(r.load for r in mine):.1f} |"
