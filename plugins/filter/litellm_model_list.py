@@ -26,7 +26,7 @@ description:
     C(tabbyapi_host)/C(tabbyapi_port).'
   - 'Per-host overrides: C(litellm_upstream_address) (address the gateway dials; default C(ansible_host), then the
     inventory name), C(litellm_upstream_api_key) (key the gateway sends to that host; default the instance''s own
-    C(api_key), else O(default_api_key)).'
+    C(api_key), else the role-wide C(<role>_api_key), else O(default_api_key)).'
   - Fails, naming host and variable, when an upstream listens on loopback only but the gateway is another host.
 positional: hosts
 options:
@@ -98,7 +98,8 @@ def _instance_models(hv: Mapping[str, Any], role: str) -> list[dict[str, Any]]:
                 "backend": role,
                 "bind": str(instance.get("host") or hv.get(f"{role}_listen_host") or "127.0.0.1"),
                 "port": port,
-                "api_key": instance.get("api_key") or "",
+                # The instance's own key, else its role-wide default (engine_instances does the same).
+                "api_key": instance.get("api_key") or hv.get(f"{role}_api_key") or "",
             }
         )
     return models

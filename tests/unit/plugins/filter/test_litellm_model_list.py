@@ -86,6 +86,21 @@ def test_direct_backends_get_one_entry_per_instance_with_their_own_port_and_key(
     assert all(e["model_info"]["disable_background_health_check"] is False for e in entries)
 
 
+def test_direct_backends_fall_back_to_the_role_wide_key():
+    # engine_instances gives an instance without api_key its role's <role>_api_key: the gateway must send that one.
+    node = {
+        "ansible_host": "198.51.100.12",
+        "vllm_api_key": "sk-vllm-role-wide-0123",
+        "vllm_instances": [{"name": "a", "port": 8000, "host": "0.0.0.0"},
+                           {"name": "b", "port": 8001, "host": "0.0.0.0", "api_key": "sk-own-key-0123456"}],
+    }
+    entries = litellm_model_list({"n": node}, ["n"], gateway="gw")
+    assert [(e["model_name"], e["litellm_params"]["api_key"]) for e in entries] == [
+        ("a", "sk-vllm-role-wide-0123"),
+        ("b", "sk-own-key-0123456"),
+    ]
+
+
 def test_ollama_models_and_upstream_address_override():
     node = {**OLLAMA_NODE, "litellm_upstream_address": "ollama.example.internal"}
     entries = litellm_model_list({"o": node}, ["o"], gateway="gw", default_api_key="not-needed")
