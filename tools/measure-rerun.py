@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright (c) llmstack.inference contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Time a no-change re-run of playbooks/site.yml on the running lab fleet (`make lab` first).
@@ -15,9 +14,9 @@ Variants:
                                       the ansible_mitogen package (pip install --target DIR mitogen==0.3.*).
                                       Opt-in only: nothing in the collection needs Mitogen.
 
-  tools/measure-rerun.py                       # 3 x (one node, all hosts)
-  tools/measure-rerun.py -n 5 --base ../base --out /tmp/rerun
-  tools/measure-rerun.py --base ../base --base-repetitions 1 --mitogen /tmp/mitogen   # a slow baseline once
+  python3 tools/measure-rerun.py                       # 3 x (one node, all hosts)
+  python3 tools/measure-rerun.py -n 5 --base ../base --out /tmp/rerun
+  python3 tools/measure-rerun.py --base ../base --base-repetitions 1 --mitogen /tmp/mitogen   # a slow baseline once
 """
 
 from __future__ import annotations

@@ -222,8 +222,8 @@ def test_types_agree_including_null(node: str, key: str, prop: dict[str, Any]) -
         assert config_accepts(config) is expect, f"config.py, {where}.{key} = {value!r}"
 
 
-def _with(path: str, value: Any, base: dict[str, Any] = MINIMAL) -> dict[str, Any]:
-    config = copy.deepcopy(base)
+def _with(path: str, value: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = copy.deepcopy(MINIMAL if base is None else base)
     parent_path, _dot, key = path.rpartition(".")
     parent = at(config, parent_path)
     if value is _DROP:

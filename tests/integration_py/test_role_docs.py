@@ -57,7 +57,7 @@ def tree(tmp_path: Path) -> Path:
 def test_every_role_has_a_readme_with_an_intro_and_generated_tables() -> None:
     for role in ROLES:
         text = (REPO / "roles" / role / "README.md").read_text(encoding="utf-8")
-        intro, _, generated = text.partition(BEGIN)
+        intro, _marker, generated = text.partition(BEGIN)
         assert generated, f"roles/{role}/README.md has no {BEGIN}"
         assert intro.startswith(f"# llmstack.inference.{role}\n"), role
         for section in ("## Example", "## Tags", "## What it does not do"):
