@@ -1,5 +1,8 @@
 """The shared engine instance path never prints an instance's API key or env values, even at -vvv.
 
+The same run gives instances the keys the model router reads from them (aliases, vram_mib, router_group,
+see plugins/filter/router_backends.py): the roles' argument specs must accept them.
+
 A loop item is printed in verbose output whatever its ``loop_control.label`` (the default callback dumps the
 whole result, ``item`` included), so tasks that loop over the engine_instances entries (which carry the key
 and the env file's text) leak them. This runs the vllm and llamacpp roles in check mode on the controller
@@ -44,7 +47,7 @@ def _playbook(tmp: Path) -> str:
             vllm_api_key: {SECRETS["vllm key"]}
             vllm_instances:
               - {{name: a, model: {tmp}, port: 18000, env: {{HF_TOKEN: {SECRETS["env value"]}}}}}
-              - {{name: b, model: {tmp}, port: 18001, state: on_demand}}
+              - {{name: b, model: {tmp}, port: 18001, state: on_demand, vram_mib: 4000, router_group: g1, aliases: [b2]}}
           roles:
             - role: llmstack.inference.vllm
 
@@ -58,7 +61,7 @@ def _playbook(tmp: Path) -> str:
             llamacpp_api_key: {SECRETS["llamacpp role key"]}
             llamacpp_instances:
               - {{name: one, model: {model}, port: 18010, env: {{HF_TOKEN: {SECRETS["env value"]}}}}}
-              - {{name: two, model: {model}, port: 18011, api_key: {SECRETS["llamacpp own key"]}}}
+              - {{name: two, model: {model}, port: 18011, api_key: {SECRETS["llamacpp own key"]}, vram_mib: 100}}
           roles:
             - role: llmstack.inference.llamacpp
         """)
