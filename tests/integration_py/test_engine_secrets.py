@@ -47,7 +47,8 @@ def _playbook(tmp: Path) -> str:
             vllm_api_key: {SECRETS["vllm key"]}
             vllm_instances:
               - {{name: a, model: {tmp}, port: 18000, env: {{HF_TOKEN: {SECRETS["env value"]}}}}}
-              - {{name: b, model: {tmp}, port: 18001, state: on_demand, vram_mib: 4000, router_group: g1, aliases: [b2]}}
+              - {{name: b, model: {tmp}, port: 18001, state: on_demand,
+                 vram_mib: 4000, router_group: g1, aliases: [b2]}}
           roles:
             - role: llmstack.inference.vllm
 
