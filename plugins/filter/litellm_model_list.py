@@ -9,6 +9,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi_models import ModelsError, startup_model
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi_models import (
+    resolve as resolve_tabbyapi_models,
+)
 
 DOCUMENTATION = r"""
 name: litellm_model_list
@@ -22,8 +26,9 @@ description:
   - A host without a router exposes its backends directly, one entry per instance, at that instance's port.
   - 'Backend variables read per host: C(vllm_instances), C(sglang_instances), C(llamacpp_instances) (each item:
     C(name), C(port), optional C(served_model_name), C(host), C(api_key), C(state)); C(ollama_models) with
-    C(ollama_listen_host)/C(ollama_port); C(tabbyapi_model_name) or C(tabbyapi_model_path) with
-    C(tabbyapi_host)/C(tabbyapi_port).'
+    C(ollama_listen_host)/C(ollama_port); TabbyAPI''s start-up model (C(tabbyapi_models) or the C(tabbyapi_model_name)
+    shorthand; without a router TabbyAPI cannot switch per request) with C(tabbyapi_host)/C(tabbyapi_port). Behind a
+    router every C(tabbyapi_models) id is listed.'
   - 'Per-host overrides: C(litellm_upstream_address) (address the gateway dials; default C(ansible_host), then the
     inventory name), C(litellm_upstream_api_key) (key the gateway sends to that host; default the instance''s own
     C(api_key), else the role-wide C(<role>_api_key), else O(default_api_key)).'
@@ -115,13 +120,17 @@ def _ollama_models(hv: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _tabbyapi_models(hv: Mapping[str, Any]) -> list[dict[str, Any]]:
-    # TabbyAPI's model card id is the model folder's basename.
-    name = hv.get("tabbyapi_model_name") or str(hv.get("tabbyapi_model_path") or "").rstrip("/").rsplit("/", 1)[-1]
-    if not name:
+    # Without a router TabbyAPI serves whichever model is loaded (it cannot switch per request), so the
+    # gateway lists only the start-up model, under the id TabbyAPI's card reports (the folder's last part).
+    try:
+        startup = startup_model(resolve_tabbyapi_models(hv))
+    except ModelsError as exc:
+        raise AnsibleFilterError(str(exc)) from None
+    if startup is None:
         return []
     return [
         {
-            "name": str(name),
+            "name": startup["served_name"],
             "backend": "tabbyapi",
             "bind": str(hv.get("tabbyapi_host") or "127.0.0.1"),
             "port": int(hv.get("tabbyapi_port") or 5000),
@@ -141,7 +150,12 @@ def backend_models(hv: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _router_model_names(hv: Mapping[str, Any]) -> list[str]:
     declared = hv.get("router_models")
     if declared is None:
-        return [m["name"] for m in backend_models(hv)]
+        # The router serves every declared TabbyAPI model (it switches in place), by its id.
+        names = [m["name"] for m in backend_models(hv) if m["backend"] != "tabbyapi"]
+        try:
+            return names + [m["id"] for m in resolve_tabbyapi_models(hv)]
+        except ModelsError as exc:
+            raise AnsibleFilterError(str(exc)) from None
     names = []
     for index, model in enumerate(declared):
         name = (model.get("name") or model.get("id")) if isinstance(model, Mapping) else model

@@ -10,6 +10,13 @@ from typing import Any
 
 from ansible.errors import AnsibleFilterError
 from ansible_collections.llmstack.inference.plugins.module_utils._devices import DeviceError, gpu_group, parse_devices
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi_models import (
+    ACTIVE_MODEL_DIR,
+    ModelsError,
+)
+from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi_models import (
+    resolve as resolve_tabbyapi_models,
+)
 
 # Documentation: router_backends.yml, router_config.yml, router_key_files.yml (one file per filter).
 
@@ -88,19 +95,33 @@ def _instances(hv: Mapping[str, Any], role: str, default_group: str, settings: M
 
 
 def _tabbyapi(hv: Mapping[str, Any], default_group: str, settings: Mapping[str, Any]) -> list[dict]:
-    folder = hv.get("tabbyapi_model_name") or str(hv.get("tabbyapi_model_path") or "").rstrip("/")
-    model_id = str(folder).rstrip("/").rsplit("/", 1)[-1]
-    if not model_id:
+    # Every declared model (tabbyapi_models or the shorthand), each with its own load request.
+    try:
+        declared = resolve_tabbyapi_models(hv)
+    except ModelsError as exc:
+        raise AnsibleFilterError(str(exc)) from None
+    if not declared:
         return []
+    own = settings.get("tabbyapi") or {}
+    estimates = hv.get("tabbyapi_vram_estimates") or {}
+    models = []
+    for entry in declared:
+        model = _model(entry["id"], entry["served_name"], entry, own)
+        if "vram_mib" not in model and estimates.get(entry["id"]):
+            model["vram_mib"] = int(estimates[entry["id"]])
+        model["load"] = dict(entry["load"])
+        models.append(model)
     source = {
         "devices": hv.get("tabbyapi_cuda_visible_devices"),
         "api_key": hv.get("tabbyapi_api_key"),
         "admin_key": hv.get("tabbyapi_admin_key"),
     }
-    own = settings.get("tabbyapi") or {}
     port = int(hv.get("tabbyapi_port") or 5000)
-    return [_backend("tabbyapi", "tabbyapi", f"http://127.0.0.1:{port}", "tabbyapi.service",
-                     [_model(model_id, model_id, own)], source, default_group, settings)]
+    backend = _backend("tabbyapi", "tabbyapi", f"http://127.0.0.1:{port}", "tabbyapi.service", models, source,
+                       default_group, settings)
+    # The router records its in-place switches here; the tabbyapi unit's ExecStartPre reads it back.
+    backend["state_file"] = f"{ACTIVE_MODEL_DIR}/tabbyapi.json"
+    return [backend]
 
 
 def _ollama(hv: Mapping[str, Any], default_group: str, settings: Mapping[str, Any]) -> list[dict]:
@@ -147,7 +168,7 @@ def router_config(
     if not backends:
         raise AnsibleFilterError(
             "the router has no backends: declare models in llamacpp_instances, vllm_instances, sglang_instances, "
-            "tabbyapi_model_name or ollama_models on this host"
+            "tabbyapi_models (or tabbyapi_model_name) or ollama_models on this host"
         )
     group_settings = dict(groups or {})
     config_groups: dict[str, Any] = {}
@@ -171,6 +192,8 @@ def router_config(
             "models": [dict(m) for m in backend["models"]],
         }
         entry.update({key: backend[key] for key in SETTING_KEYS if key in backend})
+        if backend.get("state_file"):
+            entry["state_file"] = backend["state_file"]
         if backend.get("api_key"):
             entry["api_key_file"] = _key_file(config_dir, backend["name"], "api_key")
         if backend.get("admin_key"):

@@ -105,7 +105,8 @@ def test_checkout_and_config_match_the_generation(host) -> None:
     assert config["model"]["model_name"].endswith(expected["model"])
     assert config["network"]["host"] == "127.0.0.1"
     assert config["network"]["disable_auth"] is False
-    assert host.file(f"{app}/config.yml").linked_to == CONFIG
+    # TabbyAPI reads the config.yml the unit's ExecStartPre writes from CONFIG and the router's last switch.
+    assert host.file(f"{app}/config.yml").linked_to == "/var/lib/llmstack/tabbyapi/config.yml"
     assert host.file(f"{app}/api_tokens.yml").linked_to == TOKENS
     assert (host.file(CONFIG).user, host.file(CONFIG).group) == ("root", "tabbyapi")
     assert host.file(CONFIG).mode == 0o640
