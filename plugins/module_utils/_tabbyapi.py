@@ -1,11 +1,14 @@
 # Copyright: llmstack maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""TabbyAPI config.yml rules shared by tabbyapi_config and model_load, and its api_tokens.yml reader.
+"""TabbyAPI rules shared by tabbyapi_config, model_load and the router's filter: config.yml checks,
+the admin API's load request and model card per generation, and the api_tokens.yml reader.
 
-The rules mirror TabbyAPI's own config model (common/config_models.py on main and on the
-exl2-checkpoint branch): `backend` belongs to the `model` section; cache_mode is FP16/Q8/Q6/Q4,
-or for exllamav3 also "K,V" bit pairs (2..8); draft_cache_mode is FP16/Q8/Q6/Q4 only;
-cache_size is a multiple of 256. Each error names the key and how to fix it.
+The rules follow TabbyAPI's own source at the two commits the tabbyapi role pins (generation
+"exl2" = tip of exl2-checkpoint 79126f9, backends exllamav2 + exllamav3; generation "exl3" = main
+e632af4, backend exllamav3 only): common/config_models.py for config keys, `backend` in the `model`
+section, cache_mode FP16/Q8/Q6/Q4 or for exllamav3 also "K,V" bit pairs (2..8), cache_size a
+multiple of 256; endpoints/core/types/model.py for the load request and the model card; the
+backends' model_info() for what the card really reports. Each error names the key and the fix.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import os
 import posixpath
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 BACKENDS = ("exllamav2", "exllamav3")
 EXL2_CACHE_MODES = ("FP16", "Q8", "Q6", "Q4")
@@ -23,6 +26,7 @@ KV_CACHE_MODE = re.compile(r"^[2-8]\s*,\s*[2-8]$")
 API_SERVERS = ("oai", "kobold")
 # The model folder's quant_method decides which backend can load it.
 QUANT_BACKEND = {"exl2": "exllamav2", "gptq": "exllamav2", "exl3": "exllamav3"}
+GENERATIONS = ("exl2", "exl3")
 
 
 def split_model_path(model_path: str, model_dir: Optional[str] = None) -> Tuple[str, str]:
@@ -162,7 +166,10 @@ def validate(config: Dict[str, Any], gpu_count: Optional[int] = None) -> Tuple[L
                 suggestion = " such as %d" % ((cache_size // 256 + 1) * 256)
             errors.append("model.cache_size %r must be a positive multiple of 256%s" % (cache_size, suggestion))
         elif _is_int(max_seq_len) and max_seq_len > 0 and cache_size < max_seq_len:
-            # TabbyAPI would silently raise the cache to max_seq_len, using VRAM nobody planned for.
+            # TabbyAPI would silently cut max_seq_len down to cache_size, so clients get less context
+            # than configured: backends/exllamav2/model.py adjust_cache_size/adjust_max_seq_len (exl2
+            # branch) and backends/exllamav3/model.py create() (both commits) lower max_seq_len, never
+            # raise the cache. config_models.py: "can't be less than max_seq_len".
             errors.append(
                 "model.cache_size %d is smaller than model.max_seq_len %d: raise cache_size to at least %d "
                 "or lower max_seq_len" % (cache_size, max_seq_len, max_seq_len)
@@ -175,8 +182,17 @@ def validate(config: Dict[str, Any], gpu_count: Optional[int] = None) -> Tuple[L
     _check_split("model.gpu_split", model.get("gpu_split"), gpu_count, errors)
     _check_split("model.autosplit_reserve", model.get("autosplit_reserve"), gpu_count, errors)
     _check_split("draft_model.draft_gpu_split", draft.get("draft_gpu_split"), gpu_count, errors)
-    if model.get("gpu_split") and model.get("gpu_split_auto", True) and not model.get("tensor_parallel"):
-        warnings.append("model.gpu_split is ignored while model.gpu_split_auto is true: set gpu_split_auto false")
+    # Every backend at both commits (backends/exllamav2/model.py, backends/exllamav3/model.py create())
+    # takes a non-empty gpu_split as a manual split and then turns gpu_split_auto off and drops
+    # autosplit_reserve; with one GPU neither is used (config_models.py: "Not parsed for single GPU users").
+    if model.get("gpu_split"):
+        if model.get("gpu_split_auto") is True:
+            warnings.append(
+                "model.gpu_split_auto true is ignored: TabbyAPI uses the manual model.gpu_split whenever it is "
+                "non-empty; set gpu_split_auto false, or drop gpu_split for an automatic split"
+            )
+        if gpu_count == 1:
+            warnings.append("model.gpu_split has no effect with one GPU: TabbyAPI does not split over one GPU")
     if model.get("tensor_parallel") and gpu_count == 1:
         warnings.append("model.tensor_parallel has no effect with one GPU")
 
@@ -305,3 +321,284 @@ def key_from_params(module: Any, key_option: str, token_key: str) -> Optional[st
         module.fail_json(msg=str(exc))
     module.no_log_values.add(key)
     return key
+
+
+# --- the admin API per generation: load request, model card, config keys -------------------------
+
+# endpoints/core/types/model.py ModelLoadRequest, the same at both commits. pydantic ignores any
+# other field, so a key outside this set never reaches the loader.
+_LOAD_FIELDS = frozenset(
+    (
+        "model_name",
+        "backend",
+        "max_seq_len",
+        "cache_size",
+        "cache_mode",
+        "tensor_parallel",
+        "tensor_parallel_backend",
+        "gpu_split_auto",
+        "autosplit_reserve",
+        "gpu_split",
+        "rope_scale",
+        "rope_alpha",
+        "chunk_size",
+        "output_chunking",
+        "prompt_template",
+        "vision",
+        "draft_model",
+        "skip_queue",
+    )
+)
+MODEL_LOAD_FIELDS = {"exl2": _LOAD_FIELDS, "exl3": _LOAD_FIELDS}
+# endpoints/core/types/model.py DraftModelLoadRequest, the same at both commits: no draft_cache_mode
+# (it only comes from config.yml), and draft_model_dir is always set from config.yml by
+# endpoints/core/utils/model.py stream_model_load.
+_DRAFT_FIELDS = frozenset(("draft_model_name", "draft_rope_scale", "draft_rope_alpha", "draft_gpu_split"))
+DRAFT_LOAD_FIELDS = {"exl2": _DRAFT_FIELDS, "exl3": _DRAFT_FIELDS}
+# Accepted by the request, never read by the backend: backends/exllamav3/model.py (both commits)
+# has no rope handling at all, so rope keys are dropped where exllamav3 is the backend.
+BACKEND_IGNORED = {
+    "exllamav2": frozenset(),
+    "exllamav3": frozenset(("rope_scale", "rope_alpha", "draft_rope_scale", "draft_rope_alpha")),
+}
+
+# common/config_models.py, fields of each section model of TabbyConfigModel at each commit.
+_COMMON_KEYS = {
+    "config": {"config"},
+    "network": {"api_servers", "disable_auth", "disable_fetch_requests", "host", "port", "send_tracebacks"},
+    "logging": {"log_chat_completion_requests", "log_generation_params", "log_prompt", "log_requests"},
+    "model": {
+        "autosplit_reserve", "backend", "cache_mode", "cache_size", "chunk_size", "dummy_model_names",
+        "force_enable_thinking", "gpu_split", "gpu_split_auto", "inline_model_loading", "max_batch_size",
+        "max_seq_len", "model_dir", "model_name", "output_chunking", "prompt_template", "reasoning",
+        "reasoning_end_token", "reasoning_start_token", "rope_alpha", "rope_scale", "tensor_parallel",
+        "tensor_parallel_backend", "tool_format", "use_as_default", "use_dummy_models", "vision",
+    },
+    "draft_model": {
+        "draft_cache_mode", "draft_gpu_split", "draft_mode", "draft_model_dir", "draft_model_name",
+        "draft_num_tokens", "draft_rope_alpha", "draft_rope_scale", "ngram_match_min",
+    },
+    "lora": {"lora_dir", "loras"},
+    "embeddings": {"embedding_model_dir", "embedding_model_name", "embeddings_device"},
+    "sampling": {"override_preset"},
+    "memory": {"cuda_malloc_async", "sysmem_recurrent_cache"},
+    "developer": {
+        "disable_request_streaming", "realtime_process_priority", "seqlog", "seqlog_api_key",
+        "seqlog_server_url", "unsafe_launch",
+    },
+}  # fmt: skip
+_ONLY_KEYS = {
+    "exl2": {"model": {"reasoning_suppress_header"}},
+    "exl3": {
+        "network": {"sse_ping_interval"},
+        "model": {
+            "cpu_moe_offload_layers", "harmony", "muse_glimmer", "reasoning_budget_message",
+            "reasoning_budget_tokens", "start_in_reasoning", "template_vars_default", "template_vars_force",
+            "tool_calls_in_reasoning",
+        },
+        "draft_model": {"dynamic_draft"},
+        "memory": {"sysmem_kv_cache"},
+    },
+}  # fmt: skip
+
+
+def _generation(generation: str) -> str:
+    if generation not in GENERATIONS:
+        raise ValueError("generation %r is unknown: use exl2 (exl2-checkpoint branch) or exl3 (main)" % (generation,))
+    return generation
+
+
+def config_keys(generation: str) -> Dict[str, Set[str]]:
+    """The config.yml keys, by section, that TabbyAPI knows at `generation`; it ignores others silently."""
+    only = _ONLY_KEYS[_generation(generation)]
+    return {section: set(keys) | only.get(section, set()) for section, keys in _COMMON_KEYS.items()}
+
+
+def load_backend(generation: str, settings: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """The backend a load uses when known from the request alone: main has only exllamav3
+    (common/model.py validate_backend); the exl2 branch takes model.backend, else detects it
+    from the folder's quant_method (common/model.py detect_backend), which needs the files."""
+    if _generation(generation) == "exl3":
+        return "exllamav3"
+    backend = (settings or {}).get("backend")
+    return backend if backend in BACKENDS else None
+
+
+def load_request(
+    generation: str,
+    model_name: str,
+    settings: Optional[Dict[str, Any]] = None,
+    draft: Optional[Dict[str, Any]] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Dict[str, Any], List[str]]:
+    """The JSON body of POST /v1/model/load for `model_name` and the keys left out of it.
+
+    `settings` are config.yml `model:` keys, `draft` config.yml `draft_model:` keys (with
+    draft_model_name). Keys the generation's request model does not have, or the backend never
+    reads, are left out and named in the second value, so callers warn instead of comparing them.
+    `backend` (optional) names the backend when the caller knows it from the model's files.
+    """
+    fields = MODEL_LOAD_FIELDS[_generation(generation)]
+    backend = backend or load_backend(generation, settings)
+    ignored = BACKEND_IGNORED.get(backend or "", frozenset())
+    payload = {"model_name": model_name}  # type: Dict[str, Any]
+    dropped = []  # type: List[str]
+    for key, value in (settings or {}).items():
+        if value is None or key in ("model_name", "model_dir", "draft_model"):
+            continue
+        if key in fields and key not in ignored:
+            payload[key] = copy.deepcopy(value)
+        else:
+            dropped.append(key)
+    if draft and draft.get("draft_model_name"):
+        draft_fields = DRAFT_LOAD_FIELDS[generation]
+        body = {}  # type: Dict[str, Any]
+        for key, value in draft.items():
+            if value is None:
+                continue
+            if key in draft_fields and key not in ignored:
+                body[key] = copy.deepcopy(value)
+            elif key != "draft_model_dir":
+                dropped.append(key)
+        payload["draft_model"] = body
+    return payload, sorted(dropped)
+
+
+def _round256(value: int) -> int:
+    return (value + 255) // 256 * 256
+
+
+def _cache_mode(value: Any) -> str:
+    return str(value).replace(" ", "").upper()
+
+
+def _number(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def expected_card(generation: str, payload: Dict[str, Any], backend: Optional[str] = None) -> Dict[str, Any]:
+    """What GET /v1/model's `parameters` will report for the fields `payload` sets, per backend.
+
+    Only fields the backend's model_info() reports truthfully are included; values are those the
+    backend derives from the request:
+    - exllamav2 (exl2 branch, backends/exllamav2/model.py): cache_size = cache_size or max_seq_len,
+      rounded up to 256 (adjust_cache_size); max_seq_len limited to cache_size; a "K,V" cache_mode
+      falls back to FP16; chunk_size clamped to 256..max_seq_len and rounded up to 256; rope_scale,
+      rope_alpha (unless "auto") reported; the draft is a card with its id and rope values.
+    - exllamav3 (both commits, backends/exllamav3/model.py): cache_size as given, else max_seq_len;
+      max_seq_len limited to cache_size; cache_mode as given; chunk_size at least 256, rounded up
+      to 256 (adjust_chunk_size); rope values and the draft are not reported.
+    max_seq_len -1 (read from the model) and unset fields are not predicted.
+    """
+    backend = backend or load_backend(generation, payload) or "exllamav2"
+    card = {}  # type: Dict[str, Any]
+    max_seq_len = payload.get("max_seq_len")
+    if max_seq_len is not None and max_seq_len <= 0:
+        max_seq_len = None
+    cache_size = payload.get("cache_size") or max_seq_len
+    if cache_size:
+        card["cache_size"] = _round256(cache_size) if backend == "exllamav2" else cache_size
+    if max_seq_len:
+        card["max_seq_len"] = min(max_seq_len, card["cache_size"])
+    mode = payload.get("cache_mode")
+    if mode is not None:
+        mode = _cache_mode(mode)
+        card["cache_mode"] = "FP16" if backend == "exllamav2" and not mode.startswith(("FP16", "Q")) else mode
+    chunk = payload.get("chunk_size")
+    if chunk is not None:
+        chunk = max(256, chunk)
+        if backend == "exllamav2" and card.get("max_seq_len"):
+            chunk = min(chunk, card["max_seq_len"])
+        card["chunk_size"] = _round256(chunk)
+    if backend == "exllamav2":
+        for key in ("rope_scale", "rope_alpha"):
+            if payload.get(key) not in (None, "auto"):
+                card[key] = float(payload[key])
+        draft = payload.get("draft_model")
+        if draft:
+            card["draft"] = {"id": posixpath.basename(draft["draft_model_name"].rstrip("/"))}
+            for key in ("rope_scale", "rope_alpha"):
+                if draft.get("draft_" + key) not in (None, "auto"):
+                    card["draft"][key] = float(draft["draft_" + key])
+    return card
+
+
+def card_differences(
+    generation: str, card: Optional[Dict[str, Any]], payload: Dict[str, Any], backend: Optional[str] = None
+) -> List[str]:
+    """Requested fields of `payload` that GET /v1/model's `card` does not show as loaded.
+
+    "model_name" when no model is loaded or the card's id (the folder's basename, which is all the
+    card says about the path) differs; "draft_model" when the draft differs where the backend reports
+    it (exllamav2 only; exllamav3's card never shows the draft). Fields the card does not report are
+    not compared. `backend`: see load_request; at exl2 without it, the request's backend, else
+    exllamav2, the exl2 branch's choice for any non-EXL3 folder.
+    """
+    if not card:
+        return ["model_name"]
+    backend = backend or load_backend(generation, payload) or "exllamav2"
+    found = []  # type: List[str]
+    if card.get("id") != posixpath.basename(str(payload["model_name"]).rstrip("/")):
+        found.append("model_name")
+    params = card.get("parameters") or {}
+    for key, wanted in expected_card(generation, payload, backend).items():
+        if key == "draft":
+            continue
+        have = params.get(key)
+        if (
+            key == "chunk_size"
+            and backend == "exllamav2"
+            and not payload.get("max_seq_len")
+            and _is_int(params.get("max_seq_len"))
+        ):
+            # exllamav2 also caps the chunk at max_seq_len, here the one read from the model.
+            wanted = _round256(min(max(256, payload["chunk_size"]), params["max_seq_len"]))
+        if key == "cache_mode":
+            have = _cache_mode(have)
+        elif key in ("rope_scale", "rope_alpha"):
+            have = _number(have)
+        if have != wanted:
+            found.append(key)
+    wanted_draft = expected_card(generation, payload, backend).get("draft")
+    if wanted_draft:
+        have = params.get("draft") or {}
+        draft_params = have.get("parameters") or {}
+        if have.get("id") != wanted_draft["id"] or any(
+            _number(draft_params.get(key)) != value for key, value in wanted_draft.items() if key != "id"
+        ):
+            found.append("draft_model")
+    return found
+
+
+def detect_backend(folder: str) -> str:
+    """The backend the exl2 branch picks for a model folder without model.backend: exllamav3 for an
+    EXL3 quant, else exllamav2 (common/model.py detect_backend at 79126f9)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            quant = ((json.load(handle) or {}).get("quantization_config") or {}).get("quant_method")
+    except (OSError, ValueError, AttributeError):
+        quant = None
+    return "exllamav3" if quant == "exl3" else "exllamav2"
+
+
+def same_basename(model_dir: str, model_name: str, max_depth: int = 8) -> List[str]:
+    """Other folders under model_dir (relative paths) whose basename is model_name's.
+
+    GET /v1/model names the loaded model by its basename only, so these are the folders the card
+    cannot tell apart from model_name. Links to model_name's own folder are the same model.
+    """
+    base = posixpath.basename(model_name.rstrip("/"))
+    wanted = os.path.realpath(os.path.join(model_dir, model_name))
+    found = []  # type: List[str]
+    root_depth = model_dir.rstrip("/").count("/")
+    for folder, subdirs, _files in os.walk(model_dir, followlinks=True):
+        if folder.rstrip("/").count("/") - root_depth >= max_depth:
+            subdirs[:] = []
+        for sub in subdirs:
+            path = os.path.join(folder, sub)
+            if sub == base and os.path.realpath(path) != wanted:
+                found.append(os.path.relpath(path, model_dir))
+    return sorted(found)

@@ -134,8 +134,17 @@ options:
       - Further config.yml content, by section, deep-merged into the file (for example C(sampling),
         C(lora), or model keys such as C(rope_alpha)).
       - Options above win; a different value for the same key here is an error.
+      - A section or key the O(generation) does not know gets a warning, since TabbyAPI ignores it silently.
     type: dict
     default: {}
+  generation:
+    description:
+      - TabbyAPI generation on the node, as the tabbyapi role's C(tabbyapi_generation); decides which
+        keys in O(settings) TabbyAPI knows (C(common/config_models.py) at the pinned commit).
+      - V(exl3) is TabbyAPI main (backend exllamav3 only), V(exl2) the exl2-checkpoint branch.
+    type: str
+    choices: [exl2, exl3]
+    default: exl3
   gpu_count:
     description: Number of GPUs on the node; O(gpu_split), O(autosplit_reserve) and C(draft_gpu_split)
       may not have more entries.
@@ -237,6 +246,7 @@ from typing import Any, Dict
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import (
     check_model_folder,
+    config_keys,
     conflicts,
     deep_merge,
     split_model_path,
@@ -279,6 +289,18 @@ def managed_values(params: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         if chosen:
             values[section] = chosen
     return values
+
+
+def unknown_keys(generation: str, settings: Dict[str, Any]) -> list:
+    """Dotted settings keys TabbyAPI at `generation` does not know; it drops them without a word."""
+    known = config_keys(generation)
+    found = []
+    for section, keys in settings.items():
+        if section not in known:
+            found.append(str(section))
+        elif isinstance(keys, dict):
+            found.extend("%s.%s" % (section, key) for key in keys if key not in known[section])
+    return found
 
 
 def resolve_paths(module: AnsibleModule, params: Dict[str, Any]) -> None:
@@ -360,6 +382,15 @@ def run(module: AnsibleModule) -> Dict[str, Any]:
             msg="settings sets %s, which options also set to other values: set each key once" % ", ".join(clashes)
         )
 
+    unknown = unknown_keys(params["generation"], settings)
+    if unknown:
+        module.warn(
+            "settings holds %s, which TabbyAPI (generation %s) does not know and ignores: check the spelling "
+            "against its config_sample.yml, or the generation" % (", ".join(unknown), params["generation"])
+        )
+    if params["generation"] == "exl3" and params.get("backend") == "exllamav2":
+        module.warn("TabbyAPI main (generation exl3) refuses backend exllamav2: use exllamav3, or generation exl2")
+
     exists, before_text, existing = read_existing(module, path)
     config = deep_merge(deep_merge(existing, settings), managed)
     developer = config.get("developer")
@@ -423,6 +454,7 @@ def main() -> None:
             log_requests=dict(type="bool"),
             unsafe_launch=dict(type="bool"),
             settings=dict(type="dict", default={}),
+            generation=dict(type="str", choices=["exl2", "exl3"], default="exl3"),
             gpu_count=dict(type="int"),
             check_model=dict(type="bool", default=False),
             backup=dict(type="bool", default=False),

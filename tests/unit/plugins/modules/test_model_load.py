@@ -1,7 +1,16 @@
 """Unit tests for llmstack.inference.model_load against an in-process fake of TabbyAPI's admin API.
 
 The fake answers like TabbyAPI (status codes, FastAPI 'detail' errors, SSE framing with CRLF and
-ping comments) and records every request, so tests can assert which calls a run made.
+ping comments) and records every request, so tests can assert which calls a run made. It follows
+the real server per generation (exl2 = exl2-checkpoint 79126f9, exl3 = main e632af4):
+- the card (GET /v1/model) is the backend's model_info(): backends/exllamav2/model.py reports rope
+  values and a draft card, backends/exllamav3/model.py neither (rope stays at ModelCardParameters'
+  1.0 defaults, endpoints/core/types/model.py); the id is the folder's basename;
+- values are derived as the backends do (cache_size rounded to 256 by exllamav2, max_seq_len limited
+  to cache_size, chunk_size rounded up to 256, "K,V" cache modes fall back to FP16 with exllamav2);
+- a load of the loaded model (common/model.py load_model_gen): exl2 compares basenames and returns
+  no event at all; main compares full paths and yields module 1 of 1, which
+  endpoints/core/utils/model.py stream_model_load sends as "processing" then "finished".
 """
 
 from __future__ import annotations
@@ -12,33 +21,81 @@ import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
+from ansible.module_utils.common import warnings as ansible_warnings
 from ansible.module_utils.testing import patch_module_args
 from ansible_collections.llmstack.inference.plugins.modules import model_load
 from ansible_collections.llmstack.inference.tests.unit.plugins.json_http import JsonHandler
 
 ADMIN = "a" * 32
+MODEL_MAX_SEQ_LEN = 4096  # what every fake model's config.json says
+
+
+def up256(value):
+    return (value + 255) // 256 * 256
 
 
 class FakeTabby:
-    def __init__(self):
-        self.model = None  # (id, draft_id, params)
+    def __init__(self, generation="exl3", backend=None):
+        self.generation = generation
+        self.backend = backend or ("exllamav3" if generation == "exl3" else "exllamav2")
+        self.model = None  # (folder relative to model_dir, draft folder, card parameter overrides)
+        self.derived = {}
         self.calls = []
         self.load_script = None  # list of SSE data strings overriding the normal progress
-        self.models = {"Small": 3, "Big": 5, "Draft": 2}
+        self.models = {"Small": 3, "Big": 5, "Draft": 2, "4.0bpw": 4}
+
+    def derive(self, body):
+        """The card parameters the backend derives from a load request (see the module docstring)."""
+        max_seq_len, cache_size = body.get("max_seq_len"), body.get("cache_size")
+        if self.backend == "exllamav2":
+            cache_size = up256(cache_size or max_seq_len or 4096)
+        else:
+            cache_size = cache_size or max_seq_len or MODEL_MAX_SEQ_LEN
+        max_seq_len = min(max_seq_len or MODEL_MAX_SEQ_LEN, cache_size)
+        mode = body.get("cache_mode", "FP16")
+        chunk = max(256, body.get("chunk_size", 2048))
+        params = {"max_seq_len": max_seq_len, "cache_size": cache_size, "max_batch_size": 128}
+        if self.backend == "exllamav2":
+            params["cache_mode"] = mode if mode == "FP16" or mode.startswith("Q") else "FP16"
+            params["chunk_size"] = up256(min(chunk, max_seq_len))
+            params["rope_scale"] = float(body.get("rope_scale", 1.0))
+            params["rope_alpha"] = float(body.get("rope_alpha", 1.0))
+            draft = body.get("draft_model") or {}
+            if draft.get("draft_model_name"):
+                params["draft"] = {
+                    "id": draft["draft_model_name"].rsplit("/", 1)[-1],
+                    "object": "model",
+                    "parameters": {
+                        "max_seq_len": max_seq_len,
+                        "rope_scale": float(draft.get("draft_rope_scale", 1.0)),
+                        "rope_alpha": float(draft.get("draft_rope_alpha", 1.0)),
+                        "cache_mode": "FP16",
+                    },
+                }
+        else:
+            params["cache_mode"] = mode
+            params["chunk_size"] = up256(chunk)
+        return params
 
     def card(self):
         assert self.model is not None
-        model_id, draft_id, params = self.model  # pylint: disable=unpacking-non-sequence
-        parameters = {
-            "max_seq_len": 4096,
-            "cache_size": 4096,
-            "cache_mode": "FP16",
-            "chunk_size": 2048,
-            "max_batch_size": 32,
-        }
-        parameters.update(params)
-        parameters["draft"] = {"id": draft_id, "object": "model"} if draft_id else None
-        return {"id": model_id, "object": "model", "owned_by": "tabbyAPI", "parameters": parameters}
+        path, draft, overrides = self.model  # pylint: disable=unpacking-non-sequence
+        parameters = {"cache_mode": "FP16", "rope_scale": 1.0, "rope_alpha": 1.0, "draft": None}
+        body = {"draft_model": {"draft_model_name": draft}} if draft else {}
+        parameters.update(self.derived or self.derive(body))
+        parameters.update(overrides)
+        if self.backend == "exllamav3":
+            parameters.update(rope_scale=1.0, rope_alpha=1.0, draft=None)
+        elif draft and not parameters.get("draft"):
+            parameters["draft"] = {"id": draft.rsplit("/", 1)[-1], "object": "model", "parameters": {}}
+        return {"id": path.rsplit("/", 1)[-1], "object": "model", "owned_by": "tabbyAPI", "parameters": parameters}
+
+    def already_loaded(self, path):
+        if self.model is None:
+            return False
+        if self.generation == "exl2":
+            return self.model[0].rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]
+        return self.model[0] == path
 
 
 def make_handler(fake):
@@ -66,7 +123,7 @@ def make_handler(fake):
             if self.path == "/v1/model/unload":
                 if fake.model is None:
                     return self.reply(503, {"detail": "No models are currently loaded."})
-                fake.model = None
+                fake.model, fake.derived = None, {}
                 return self.reply(200, None)
             if self.path != "/v1/model/load":
                 return self.reply(404, {"detail": "Not Found"})
@@ -86,8 +143,11 @@ def make_handler(fake):
             if fake.load_script is not None:
                 yield from fake.load_script
                 return
-            if fake.model and fake.model[0] == name:
-                yield 'data: {"model_type": "model", "module": 1, "modules": 1, "status": "finished"}\r\n\r\n'
+            if fake.already_loaded(body["model_name"]):
+                if fake.generation == "exl3":
+                    for status in ("processing", "finished"):
+                        event = {"model_type": "model", "module": 1, "modules": 1, "status": status}
+                        yield "data: %s\r\n\r\n" % json.dumps(event)
                 return
             draft = (body.get("draft_model") or {}).get("draft_model_name")
             yield ": ping - 2026-07-01 00:00:00\r\n\r\n"
@@ -97,25 +157,40 @@ def make_handler(fake):
                     yield "data: %s\r\n\r\n" % json.dumps(event)
                 event = {"model_type": kind, "module": total, "modules": total, "status": "finished"}
                 yield "data: %s\r\n\r\n" % json.dumps(event)
-            params = {k: body[k] for k in ("cache_mode", "max_seq_len") if k in body}
-            fake.model = (name, draft, params)
+            fake.model = (body["model_name"], draft, {})
+            fake.derived = fake.derive(body)
 
     return Handler
 
 
 @pytest.fixture
-def tabby():
-    fake = FakeTabby()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = "http://127.0.0.1:%d" % server.server_address[1]
-    yield fake
-    server.shutdown()
-    server.server_close()
+def tabby_for():
+    """Starts fakes of a given generation and backend; stops them after the test."""
+    servers = []
+
+    def start(generation="exl3", backend=None):
+        fake = FakeTabby(generation, backend)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        servers.append(server)
+        fake.url = "http://127.0.0.1:%d" % server.server_address[1]
+        return fake
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def tabby(tabby_for):
+    return tabby_for()
 
 
 def run_module(capsys, **args):
+    # Warnings are collected per process; a run must only see its own.
+    getattr(ansible_warnings, "_global_warnings", {}).clear()
     with patch_module_args(args), pytest.raises(SystemExit) as exited:
         model_load.main()
     return exited.value.code, json.loads(capsys.readouterr().out)
@@ -129,7 +204,11 @@ def posts(fake):
     ("loaded", "args", "changed", "expected_posts"),
     [
         (("Small", None, {}), {"model_name": "Small"}, False, []),
-        (("Small", None, {}), {"model_name": "exl2/Small"}, False, []),
+        # exl2 names a model by basename and skips a load of the same name (common/model.py at 79126f9).
+        (("Small", None, {}), {"model_name": "exl2/Small", "generation": "exl2"}, False, []),
+        # main compares full paths: Small and exl2/Small are two folders, so it really loads.
+        (("Small", None, {}), {"model_name": "exl2/Small"}, True, ["/v1/model/load"]),
+        (("exl2/Small", None, {}), {"model_name": "exl2/Small"}, False, ["/v1/model/load"]),
         (("Small", "Draft", {}), {"model_name": "Small"}, False, []),
         (None, {"model_name": "Small"}, True, ["/v1/model/load"]),
         (("Small", None, {}), {"model_name": "Big"}, True, ["/v1/model/load"]),
@@ -146,9 +225,10 @@ def posts(fake):
             False,
             [],
         ),
+        # Only exllamav2's card shows the draft (backends/exllamav2/model.py model_info).
         (
             ("Small", None, {}),
-            {"model_name": "Small", "draft_model_name": "Draft"},
+            {"model_name": "Small", "draft_model_name": "Draft", "generation": "exl2"},
             True,
             ["/v1/model/unload", "/v1/model/load"],
         ),
@@ -156,7 +236,8 @@ def posts(fake):
         (None, {"state": "unloaded"}, False, []),
     ],
 )
-def test_idempotent_load_and_unload(tabby, capsys, loaded, args, changed, expected_posts):
+def test_idempotent_load_and_unload(tabby_for, capsys, loaded, args, changed, expected_posts):
+    tabby = tabby_for(args.get("generation", "exl3"))
     tabby.model = loaded
     code, out = run_module(capsys, url=tabby.url, admin_key=ADMIN, **args)
     assert code == 0, out
@@ -166,15 +247,18 @@ def test_idempotent_load_and_unload(tabby, capsys, loaded, args, changed, expect
         assert tabby.model is None
         assert out["current_model"] is None
     else:
-        assert tabby.model[0] == out["current_model"] == args["model_name"].rsplit("/", 1)[-1]
+        assert tabby.model[0].rsplit("/", 1)[-1] == out["current_model"] == args["model_name"].rsplit("/", 1)[-1]
 
 
-def test_load_reports_progress_and_payload(tabby, capsys):
+def test_load_reports_progress_and_payload(tabby_for, capsys):
+    # exl2 generation: exllamav2's card is the one that reports the draft model.
+    tabby = tabby_for("exl2")
     tabby.model = ("Small", None, {})
     code, out = run_module(
         capsys,
         url=tabby.url,
         admin_key=ADMIN,
+        generation="exl2",
         model_name="exl3/Big",
         draft_model_name="Draft",
         load_params={"max_seq_len": 8192},
@@ -308,3 +392,152 @@ def test_api_tokens_parse_without_pyyaml(monkeypatch, text, expected):
 
     monkeypatch.setitem(__import__("sys").modules, "yaml", None)
     assert _tabbyapi.parse_api_tokens(text) == expected
+
+
+# --- per generation: repeated runs, dropped fields, folders with the same basename ----------------
+
+SETTINGS = {
+    "exllamav2": {"max_seq_len": 3000, "cache_mode": "Q4", "chunk_size": 1000, "rope_alpha": 1.5},
+    "exllamav3": {"max_seq_len": 3072, "cache_size": 8192, "cache_mode": "8, 8", "chunk_size": 1000},
+}
+
+
+def warned(out, *needles):
+    # ansible-core 2.19 wraps warnings in structured summaries; older cores give strings.
+    return any(all(needle in json.dumps(warning) for needle in needles) for warning in out.get("warnings", []))
+
+
+def models_tree(tmp_path, *names):
+    for name in names:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text('{"quantization_config": {"quant_method": "exl3"}}')
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("generation", "backend"), [("exl2", "exllamav2"), ("exl2", "exllamav3"), ("exl3", "exllamav3")]
+)
+@pytest.mark.parametrize("draft", [None, "Draft"])
+@pytest.mark.parametrize("model_name", ["Big", "exl3/Big"])
+def test_repeated_run_is_unchanged(tabby_for, capsys, generation, backend, draft, model_name):
+    tabby = tabby_for(generation, backend)
+    load_params = dict(SETTINGS[backend], backend=backend) if generation == "exl2" else dict(SETTINGS[backend])
+    load_params["max_batch_size"] = 8  # config-only: dropped with a warning
+    args = dict(url=tabby.url, admin_key=ADMIN, generation=generation, model_name=model_name, load_params=load_params)
+    if draft:
+        args.update(draft_model_name=draft, draft_params={"draft_rope_alpha": 2.0, "draft_cache_mode": "Q8"})
+    code, first = run_module(capsys, **args)
+    assert code == 0, first
+    assert first["changed"] is True
+    assert not warned(first, "other than requested"), first["warnings"]
+    sent = posts(tabby)[-1][1]
+    assert "max_batch_size" not in sent
+    assert "draft_cache_mode" not in (sent.get("draft_model") or {})
+    assert "max_batch_size" in first["dropped"]
+    assert warned(first, "max_batch_size", "draft_cache_mode" if draft else "max_batch_size")
+    if backend == "exllamav3":
+        assert "rope_alpha" not in sent
+        assert "draft_rope_alpha" not in (sent.get("draft_model") or {})
+    tabby.calls.clear()
+    code, again = run_module(capsys, **args)
+    assert code == 0, again
+    assert again["changed"] is False, again
+    assert again["differences"] == []
+    if generation == "exl3" and "/" in model_name:
+        # main's card cannot prove the nested path; the load is sent and answered as done (1 of 1).
+        assert [post[0] for post in posts(tabby)] == ["/v1/model/load"]
+        assert again["progress"]["reloaded"] is False
+    else:
+        assert posts(tabby) == []
+    code, checked = run_module(capsys, _ansible_check_mode=True, **args)
+    assert code == 0
+    assert checked["changed"] is False
+
+
+@pytest.mark.parametrize(("generation", "changed"), [("exl2", True), ("exl3", True)])
+def test_changed_setting_reloads(tabby_for, capsys, generation, changed):
+    tabby = tabby_for(generation)
+    args = dict(url=tabby.url, admin_key=ADMIN, generation=generation, model_name="Big")
+    assert run_module(capsys, load_params={"cache_size": 4096}, **args)[1]["changed"] is True
+    tabby.calls.clear()
+    code, out = run_module(capsys, load_params={"cache_size": 8192}, **args)
+    assert code == 0
+    assert out["changed"] is changed
+    assert out["differences"] == ["cache_size"]
+    # Both generations answer a load of the loaded model as done, so the module unloads first.
+    assert [post[0] for post in posts(tabby)] == ["/v1/model/unload", "/v1/model/load"]
+    assert tabby.card()["parameters"]["cache_size"] == 8192
+
+
+def test_exl3_same_basename_loads_the_other_folder(tabby_for, capsys, tmp_path):
+    model_dir = models_tree(tmp_path, "exl3/A/4.0bpw", "exl3/B/4.0bpw")
+    tabby = tabby_for("exl3")
+    tabby.model = ("exl3/A/4.0bpw", None, {})
+    args = dict(url=tabby.url, admin_key=ADMIN, model_dir=model_dir)
+    code, out = run_module(capsys, model_name="exl3/B/4.0bpw", **args)
+    assert code == 0
+    assert out["changed"] is True
+    assert out["progress"]["reloaded"] is True
+    assert tabby.model[0] == "exl3/B/4.0bpw"
+    tabby.calls.clear()
+    code, out = run_module(capsys, model_name="exl3/B/4.0bpw", **args)
+    assert code == 0
+    assert out["changed"] is False
+    assert [post[0] for post in posts(tabby)] == ["/v1/model/load"]
+    tabby.calls.clear()
+    code, out = run_module(capsys, model_name="exl3/A/4.0bpw", _ansible_check_mode=True, **args)
+    assert code == 0
+    assert out["changed"] is False
+    assert posts(tabby) == []
+    assert warned(out, "check mode cannot prove", "exl3/B/4.0bpw")
+
+
+def test_exl2_same_basename_follows_the_servers_rule(tabby_for, capsys, tmp_path):
+    model_dir = models_tree(tmp_path, "exl3/A/4.0bpw", "exl3/B/4.0bpw")
+    tabby = tabby_for("exl2", "exllamav3")
+    tabby.model = ("exl3/A/4.0bpw", None, {})
+    args = dict(url=tabby.url, admin_key=ADMIN, model_dir=model_dir, generation="exl2", model_name="exl3/B/4.0bpw")
+    code, out = run_module(capsys, **args)
+    assert code == 0
+    assert out["changed"] is False
+    assert posts(tabby) == []
+    assert warned(out, "set force", "exl3/A/4.0bpw")
+    code, out = run_module(capsys, force=True, **args)
+    assert code == 0
+    assert out["changed"] is True
+    assert [post[0] for post in posts(tabby)] == ["/v1/model/unload", "/v1/model/load"]
+    assert tabby.model[0] == "exl3/B/4.0bpw"
+
+
+def test_model_dir_from_config_file(tabby_for, capsys, tmp_path):
+    models_tree(tmp_path / "models", "x/4.0bpw", "y/4.0bpw")
+    (tmp_path / "config.yml").write_text("model:\n  model_dir: models\n")
+    tabby = tabby_for("exl2")
+    tabby.model = ("x/4.0bpw", None, {})
+    code, out = run_module(
+        capsys,
+        url=tabby.url,
+        admin_key=ADMIN,
+        generation="exl2",
+        config_file=str(tmp_path / "config.yml"),
+        model_name="x/4.0bpw",
+    )
+    assert code == 0
+    assert out["changed"] is False
+    assert warned(out, "y/4.0bpw")
+
+
+def test_exllamav3_draft_is_not_checkable(tabby, capsys):
+    tabby.model = ("Big", "Draft", {})
+    code, out = run_module(capsys, url=tabby.url, admin_key=ADMIN, model_name="Big", draft_model_name="Other")
+    assert code == 0
+    assert out["changed"] is False
+    assert warned(out, "does not report the draft model")
+
+
+def test_draft_params_need_a_draft(tabby, capsys):
+    code, out = run_module(
+        capsys, url=tabby.url, admin_key=ADMIN, model_name="Big", draft_params={"draft_rope_alpha": 1}
+    )
+    assert code == 1
+    assert "draft_params needs draft_model_name" in out["msg"]

@@ -9,12 +9,15 @@ import stat
 
 import pytest
 import yaml
+from ansible.module_utils.common import warnings as ansible_warnings
 from ansible.module_utils.testing import patch_module_args
 from ansible_collections.llmstack.inference.plugins.module_utils import _tabbyapi
 from ansible_collections.llmstack.inference.plugins.modules import tabbyapi_config
 
 
 def run_module(capsys, **args):
+    # Warnings are collected per process; a run must only see its own.
+    getattr(ansible_warnings, "_global_warnings", {}).clear()
     with patch_module_args(args), pytest.raises(SystemExit) as exited:
         tabbyapi_config.main()
     return exited.value.code, json.loads(capsys.readouterr().out)
@@ -283,3 +286,68 @@ def test_check_model_relative_dir_and_draft(tmp_path, capsys):
     code, out = run_module(capsys, path=str(tmp_path / "config.yml"), draft_model_name="Missing", check_model=True)
     assert code == 1
     assert "draft model folder" in out["msg"]
+
+
+def warned(out, *needles):
+    # ansible-core 2.19 wraps warnings in structured summaries; older cores give strings.
+    return any(all(needle in json.dumps(warning) for needle in needles) for warning in out.get("warnings", []))
+
+
+@pytest.mark.parametrize(
+    ("generation", "settings", "unknown", "known"),
+    [
+        # model.harmony and draft_model.dynamic_draft exist on main only (common/config_models.py).
+        ("exl2", {"model": {"harmony": True, "rope_alpha": 1.0}}, ["model.harmony"], ["rope_alpha"]),
+        ("exl3", {"model": {"harmony": True, "rope_alpha": 1.0}}, [], ["model.harmony"]),
+        ("exl2", {"draft_model": {"dynamic_draft": True}}, ["draft_model.dynamic_draft"], []),
+        # model.reasoning_suppress_header exists on the exl2 branch only.
+        ("exl3", {"model": {"reasoning_suppress_header": True}}, ["model.reasoning_suppress_header"], []),
+        (
+            "exl3",
+            {"sampler": {"override_preset": "x"}, "model": {"max_seqlen": 4096}},
+            ["sampler", "model.max_seqlen"],
+            [],
+        ),
+        ("exl3", {"sampling": {"override_preset": "x"}, "memory": {"sysmem_kv_cache": 1}}, [], ["sampling"]),
+    ],
+)
+def test_settings_unknown_to_the_generation_warn(tmp_path, capsys, generation, settings, unknown, known):
+    code, out = run_module(capsys, path=str(tmp_path / "config.yml"), generation=generation, settings=settings)
+    assert code == 0, out
+    for key in unknown:
+        assert warned(out, key, "does not know", generation), out.get("warnings")
+    for key in known:
+        assert not warned(out, key)
+    if not unknown:
+        assert not warned(out, "does not know")
+    # The keys are still written: the warning says TabbyAPI ignores them, the module keeps them.
+    assert yaml.safe_load((tmp_path / "config.yml").read_text()) == settings
+
+
+def test_exl3_generation_warns_on_exllamav2(tmp_path, capsys):
+    code, out = run_module(capsys, path=str(tmp_path / "config.yml"), backend="exllamav2")
+    assert code == 0
+    assert warned(out, "refuses backend exllamav2")
+    code, out = run_module(capsys, path=str(tmp_path / "c2.yml"), backend="exllamav2", generation="exl2")
+    assert code == 0
+    assert not warned(out, "refuses")
+
+
+@pytest.mark.parametrize(
+    ("model", "gpu_count", "needle"),
+    [
+        # backends/*/model.py: a non-empty gpu_split wins and turns gpu_split_auto off.
+        ({"gpu_split": [20, 20], "gpu_split_auto": True}, 2, "gpu_split_auto true is ignored"),
+        ({"gpu_split": [20], "gpu_split_auto": False}, 1, "gpu_split has no effect with one GPU"),
+    ],
+)
+def test_gpu_split_warnings_say_what_tabbyapi_does(model, gpu_count, needle):
+    errors, warnings = _tabbyapi.validate({"model": model}, gpu_count)
+    assert errors == []
+    assert any(needle in w for w in warnings), warnings
+
+
+def test_gpu_split_without_auto_flag_is_no_warning():
+    # gpu_split_auto defaults to true, yet a given gpu_split is used: nothing to warn about (the old
+    # warning said gpu_split would be ignored, which backends/*/model.py contradicts).
+    assert _tabbyapi.validate({"model": {"gpu_split": [20, 20]}}, 2) == ([], [])
