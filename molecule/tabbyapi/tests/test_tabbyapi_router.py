@@ -104,10 +104,12 @@ def test_switches_in_place_between_same_named_folders(host) -> None:
     assert first["parameters"]["max_seq_len"] == 2048
     chat(host, g["b"])
     second = card(host)
-    # The same card id: only B's own settings (its max_seq_len and draft) show that B, not A, is loaded.
+    # The same card id: only B's own settings (its max_seq_len) show that B, not A, is loaded.
     assert second["id"] == "4.0bpw"
     assert second["parameters"]["max_seq_len"] == 1024, second
-    assert second["parameters"].get("draft"), second
+    if g["dir"] == "exl2":
+        # exllamav2's model_info() reports the draft; exllamav3's never does (backends/*/model.py).
+        assert second["parameters"].get("draft"), second
     assert tabby_pid(host) == pid, "an in-place switch keeps the TabbyAPI process"
     record = host.file(ACTIVE)
     assert (record.user, record.mode) == ("llmrouter", 0o644)
