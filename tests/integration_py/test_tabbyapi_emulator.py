@@ -739,9 +739,9 @@ def test_health_turns_unhealthy_after_a_fatal_generation_error(lab, generation):
 
 def test_config_loading_order(lab, tmp_path):
     models = tmp_path / "models"
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _attempt in range(3)]
     while len(set(ports)) < 3 or any(abs(a - b) < 2 for a in ports for b in ports if a != b):
-        ports = [free_port() for _ in range(3)]
+        ports = [free_port() for _attempt in range(3)]
     file_port, env_port, cli_port = ports
     real = tmp_path / "etc-config.yml"
     real.write_text(
