@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,7 @@ class Emulator:
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
         port: int | None = None,
+        checkout: pathlib.Path = EMULATOR,
     ):
         self.workdir = workdir
         if config is not None:
@@ -64,7 +66,7 @@ class Emulator:
         full_env.update(env or {})
         self.log = open(workdir / "emulator.log", "w+")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, str(EMULATOR / "main.py"), *(args or [])],
+            [sys.executable, str(checkout / "main.py"), *(args or [])],
             cwd=workdir,
             env=full_env,
             stdout=self.log,
@@ -515,6 +517,24 @@ def test_generation_is_picked_from_the_checkout(tmp_path, monkeypatch):
     monkeypatch.setenv("TABBY_EMU_GENERATION", "exl4")
     with pytest.raises(ValueError, match="exl2 or exl3"):
         pick_generation(tmp_path)
+
+
+def test_generation_file_in_the_checkout_selects_exl2(tmp_path):
+    # As the molecule scenario's exl2-checkpoint branch ships it: GENERATION next to main.py.
+    checkout = tmp_path / "app"
+    shutil.copytree(EMULATOR, checkout, ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / "GENERATION").write_text("exl2 generation: backends exllamav2 and exllamav3\n")
+    make_model(tmp_path / "models", "Old-exl2", layers=2, quant="exl2")
+    port = free_port()
+    config = {"network": {"port": port}, "model": {"model_dir": str(tmp_path / "models"), "model_name": "Old-exl2"}}
+    emulator = Emulator(tmp_path, config, checkout=checkout)
+    try:
+        emulator.wait_port()
+        assert "Emulating TabbyAPI generation exl2" in emulator.output()
+        assert card(emulator)["parameters"]["max_batch_size"] == 16, "loaded by the exllamav2 backend"
+        assert load(emulator, {"model_name": "Old-exl2"}) == (200, []), "exl2's silent repeated load"
+    finally:
+        emulator.stop()
 
 
 @pytest.mark.parametrize("generation", ["exl2", "exl3"])
