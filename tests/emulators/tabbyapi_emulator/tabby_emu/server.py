@@ -1,7 +1,8 @@
 """HTTP routes (part of the TabbyAPI emulator, see package doc).
 
-Status codes and bodies follow TabbyAPI: FastAPI-style {"detail": ...} errors, 503 when no model
-is loaded, SSE framed by sse-starlette (CRLF line ends, ": ping" comments every 15 s).
+Status codes and bodies follow TabbyAPI (endpoints/core/router.py, endpoints/OAI): FastAPI-style
+{"detail": ...} errors, 503 when no model is loaded, SSE framed by sse-starlette (CRLF line ends,
+": ping" comments every network.sse_ping_interval s on main's load stream, none on exl2's).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import os
 import pathlib
 import time
@@ -21,12 +23,15 @@ from .auth import AuthStore
 from .config import EmuConfig
 from .container import LoadError, ModelManager
 from .generate import count_tokens, generate, prompt_text
+from .schema import DRAFT_LOAD_REQUEST, DRAFT_REQUEST_DEFAULTS, LOAD_REQUEST, LOAD_REQUEST_DEFAULTS, validate
 
-SSE_PING_S = 15.0
+log = logging.getLogger("tabby_emu.server")
+
 CFG = web.AppKey("cfg", EmuConfig)
 MODELS = web.AppKey("models", ModelManager)
 AUTH = web.AppKey("auth", AuthStore)
 LOAD_TASKS = web.AppKey("load_tasks", set)
+ISSUES = web.AppKey("issues", list)
 
 
 def _detail(status: int, detail: Any) -> web.Response:
@@ -71,6 +76,10 @@ class SSEWriter:
 
 
 async def health(request: web.Request) -> web.Response:
+    # common/health.py: unhealthy (503) from the first fatal generation error on, for good.
+    issues = request.app[ISSUES]
+    if issues:
+        return web.json_response({"status": "unhealthy", "issues": list(issues)}, status=503)
     return web.json_response({"status": "healthy", "issues": []})
 
 
@@ -106,62 +115,135 @@ async def permission(request: web.Request) -> web.Response:
     return web.json_response({"permission": request.app[AUTH].permission(request.headers)})
 
 
+def _load_request(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """ModelLoadRequest validation: unknown fields dropped, wrong types a 422 detail list."""
+    data, errors = validate(LOAD_REQUEST, body, ("body",))
+    if "model_name" not in body:
+        errors.insert(0, {"type": "missing", "loc": ["body", "model_name"], "msg": "Field required", "input": body})
+    elif body["model_name"] is None:
+        errors.insert(
+            0,
+            {
+                "type": "string_type",
+                "loc": ["body", "model_name"],
+                "msg": "Input should be a valid string",
+                "input": None,
+            },
+        )
+    load = {**LOAD_REQUEST_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+    draft_body = body.get("draft_model")
+    draft: dict[str, Any] = {}
+    if isinstance(draft_body, dict):
+        fields, draft_errors = validate(DRAFT_LOAD_REQUEST, draft_body, ("body", "draft_model"))
+        if draft_body.get("draft_model_name") is None:
+            kind, msg = (
+                ("missing", "Field required")
+                if "draft_model_name" not in draft_body
+                else ("string_type", "Input should be a valid string")
+            )
+            draft_errors.insert(
+                0, {"type": kind, "loc": ["body", "draft_model", "draft_model_name"], "msg": msg, "input": draft_body}
+            )
+        errors += draft_errors
+        draft = {**DRAFT_REQUEST_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
+    elif draft_body is not None:
+        errors.append(
+            {
+                "type": "model_type",
+                "loc": ["body", "draft_model"],
+                "msg": "Input should be a valid dictionary or object",
+                "input": draft_body,
+            }
+        )
+    load["draft_model"] = draft
+    load.pop("skip_queue", None)
+    return load, errors
+
+
 async def load_model(request: web.Request) -> web.StreamResponse:
     if denied := _auth_error(request, admin=True):
         return denied
     body = await _json_body(request)
     if isinstance(body, web.Response):
         return body
-    if "model_name" not in body:
-        return _detail(422, [{"type": "missing", "loc": ["body", "model_name"], "msg": "Field required"}])
-    if not body["model_name"]:
+    load, errors = _load_request(body)
+    if errors:
+        return _detail(422, errors)
+    if not load.get("model_name"):
         return _detail(400, "A model name was not provided for load.")
     cfg = request.app[CFG]
-    model_path = pathlib.Path(cfg.model_dir) / str(body["model_name"])
+    model_path = pathlib.Path(cfg.model_dir) / str(load["model_name"])
     if not model_path.exists():
         return _detail(400, "Could not find the model path for load. Check model name or config.yml?")
-    draft = body.get("draft_model") or {}
-    draft_path = None
-    if draft.get("draft_model_name"):
-        draft_path = pathlib.Path(cfg.draft_model_dir) / str(draft["draft_model_name"])
-    args = {k: v for k, v in body.items() if k not in ("model_name", "draft_model", "skip_queue") and v is not None}
+    # stream_model_load: the draft folder always comes from the config.
+    load["draft_model"]["draft_model_dir"] = cfg.draft_model_dir
+    models = request.app[MODELS]
+    sse = SSEWriter(request)
+    await sse.start()
+    if not cfg.generation.detached_load:
+        await _load_in_request(sse, models.load_gen(model_path, load))
+        return sse.response
 
     queue: asyncio.Queue[tuple[int, int, str] | Exception | None] = asyncio.Queue()
 
     async def run_load() -> None:
         try:
-            async for progress in request.app[MODELS].load_gen(model_path.resolve(), args, draft_path, draft):
+            async for progress in models.load_gen(model_path, load):
                 queue.put_nowait(progress)
             queue.put_nowait(None)
         except (LoadError, OSError, ValueError) as exc:
             queue.put_nowait(exc)
 
-    # Detached like TabbyAPI: a client that disconnects does not cancel the load.
+    # main: detached, so a client that disconnects does not cancel the load.
     task = asyncio.create_task(run_load())
     request.app[LOAD_TASKS].add(task)
     task.add_done_callback(request.app[LOAD_TASKS].discard)
-
-    sse = SSEWriter(request)
-    await sse.start()
-    while True:
-        try:
-            item = await asyncio.wait_for(queue.get(), timeout=SSE_PING_S)
-        except TimeoutError:
-            await sse.ping()
-            continue
-        if item is None:
-            break
-        if isinstance(item, Exception):
-            await sse.data(json.dumps({"error": {"message": str(item), "trace": None}}))
-            break
-        module, modules, model_type = item
-        if module != 0:
-            event = {"model_type": model_type, "module": module, "modules": modules, "status": "processing"}
-            await sse.data(json.dumps(event))
-        if module == modules:
-            event = {"model_type": model_type, "module": module, "modules": modules, "status": "finished"}
-            await sse.data(json.dumps(event))
+    ping = cfg.sse_ping_interval or None
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=ping)
+            except TimeoutError:
+                await sse.ping()
+                continue
+            if item is None:
+                break
+            if isinstance(item, Exception):
+                await sse.data(_error_event(item))
+                break
+            await _progress_events(sse, item)
+    except ConnectionResetError:
+        log.error("Model load request disconnected. The load will continue.")
     return sse.response
+
+
+async def _load_in_request(sse: SSEWriter, progress: Any) -> None:
+    """exl2-checkpoint: the response drives the load; a disconnect cancels it half-way."""
+    try:
+        async for item in progress:
+            await _progress_events(sse, item)
+    except ConnectionResetError:
+        log.error("Model load cancelled by user. Please make sure to run unload to free up resources.")
+    except (LoadError, OSError, ValueError) as exc:
+        await sse.data(_error_event(exc))
+    finally:
+        await progress.aclose()
+
+
+def _error_event(exc: Exception) -> str:
+    return json.dumps({"error": {"message": str(exc), "trace": None}})
+
+
+async def _progress_events(sse: SSEWriter, item: tuple[int, int, str]) -> None:
+    module, modules, model_type = item
+    if module != 0:
+        await sse.data(
+            json.dumps({"model_type": model_type, "module": module, "modules": modules, "status": "processing"})
+        )
+    if module == modules:
+        await sse.data(
+            json.dumps({"model_type": model_type, "module": module, "modules": modules, "status": "finished"})
+        )
 
 
 async def unload_model(request: web.Request) -> web.Response:
@@ -185,6 +267,15 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     if budget <= 0:
         return _detail(400, f"Prompt length {prompt_tokens} is greater than max_seq_len {model.max_seq_len}")
     max_tokens = min(int(body.get("max_tokens") or body.get("max_completion_tokens") or 64), budget)
+    fail_on = os.environ.get("TABBY_EMU_FAIL_PROMPT")
+    if fail_on and fail_on in text:
+        # A fatal generator error (the backends' generate_gen): recorded in HealthManager for good.
+        stamp = datetime.datetime.now(datetime.UTC).isoformat()
+        request.app[ISSUES].append({"time": stamp, "description": "RuntimeError: emulated fatal generation error"})
+        request_id = uuid.uuid4().hex
+        return _detail(
+            503, f"Completion {request_id} aborted. Maybe the model was unloaded? Please check the server console."
+        )
     tokens = generate(model.path.name, text, max_tokens)
     finish = "length"
     token_s = float(os.environ.get("TABBY_EMU_TOKEN_S", "0.005"))
@@ -254,6 +345,7 @@ def build_app(cfg: EmuConfig, models: ModelManager, auth: AuthStore) -> web.Appl
     app[MODELS] = models
     app[AUTH] = auth
     app[LOAD_TASKS] = set()
+    app[ISSUES] = []
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/model/list", list_models)
