@@ -120,7 +120,9 @@ options:
     type: int
     default: 600
   fail_on_misfit:
-    description: Fail when a model does not fit. With V(false) the misfits are only reported (RV(models[].fits)).
+    description:
+      - Fail when a model does not fit.
+      - With V(false) the misfits are only reported (C(fits) false in RV(models)) and warned about.
     type: bool
     default: true
   nvidia_smi_path:
