@@ -274,33 +274,53 @@ wheel_refusal:
     flash-attn 2.8.3 publishes wheels for torch 2.4, 2.5, 2.6, 2.7, 2.8 only, not 2.9: ... was never published.
     Nothing was installed. Ways out: (1) a known-good venv tarball ...
 source_build:
-  description:
-    - How to build flash-attn for this node instead (environment and command). RV(source_build.error) names the fix
-      when no architecture is left to build for.
-    - C(MAX_JOBS) follows RV(source_build.max_jobs_rule); RV(source_build.memory_available_mib) is C(MemAvailable).
+  description: How to build flash-attn for this node instead (environment and command).
   returned: always
   type: dict
-  sample:
+  contains:
     env:
-      FLASH_ATTENTION_FORCE_BUILD: "TRUE"
-      MAX_JOBS: "8"
-      NVCC_THREADS: "4"
-      FLASH_ATTN_CUDA_ARCHS: "100;120"
-    cuda_archs: ["100", "120"]
-    arch_origin: the GPUs' compute capability
-    skipped_capabilities: []
-    max_jobs_rule: min(cpus // 2 = 36, MemAvailable 81920 MiB // 9216 MiB per job at 4 nvcc threads) = 8
-    memory_available_mib: 81920
-    cpus: 72
-    error: null
+      description:
+        - Environment of the build - C(FLASH_ATTN_CUDA_ARCHS) (absent when no architecture is left),
+          C(MAX_JOBS), C(NVCC_THREADS), C(FLASH_ATTENTION_FORCE_BUILD=TRUE) (no download of a guessed release wheel).
+      type: dict
+      sample:
+        FLASH_ATTENTION_FORCE_BUILD: "TRUE"
+        MAX_JOBS: "8"
+        NVCC_THREADS: "4"
+        FLASH_ATTN_CUDA_ARCHS: "100;120"
+    cuda_archs:
+      description: The C(FLASH_ATTN_CUDA_ARCHS) values, one per GPU major.
+      type: list
+      elements: str
+      sample: ["100", "120"]
+    arch_origin:
+      description: Where they came from - V(cuda_archs), V(the GPUs' compute capability) or V(the devices torch sees).
+      type: str
+    skipped_capabilities:
+      description: Capabilities or values setup.py has no kernels for (below sm_80, or sm_110).
+      type: list
+      elements: str
+    max_jobs_rule:
+      description: How C(MAX_JOBS) was reached.
+      type: str
+      sample: min(cpus // 2 = 36, MemAvailable 81920 MiB // 9216 MiB per job at 4 nvcc threads) = 8
+    memory_available_mib:
+      description: C(MemAvailable) of the node, or null when unreadable.
+      type: int
+    cpus:
+      description: CPUs of the node (C(os.cpu_count())).
+      type: int
+    error:
+      description: Why there is nothing to build for, naming the fix; null otherwise.
+      type: str
     command:
-      - /opt/llmstack/tabbyapi/venv/bin/python
-      - -m
-      - pip
-      - install
-      - flash-attn==2.8.3
-      - --no-build-isolation
-    needs: nvcc from a CUDA toolkit >= 12.8 for Blackwell (>= 11.7 otherwise) matching torch's CUDA major
+      description: The pip command.
+      type: list
+      elements: str
+      sample: [/opt/llmstack/tabbyapi/venv/bin/python, -m, pip, install, flash-attn==2.8.3, --no-build-isolation]
+    needs:
+      description: What the build needs on the node.
+      type: str
 """
 
 import json
