@@ -86,9 +86,10 @@ print("LLMSTACK_FLASH_ATTN_PROBE=" + json.dumps(report))
 # .github/workflows/publish.yml (Dao-AILab/flash-attention): the build_wheels matrix
 # python-version x torch-version x cuda-version x cxx11_abi, minus its `exclude` entries, built
 # on `os` (ubuntu-*, x86_64 only) and renamed "+cu<CUDA major>torch<major.minor>cxx11abi<ABI>"
-# (the "Build wheel" step, the name setup.py get_wheel_url() asks for). Wheels are named after
-# torch's CUDA major from v2.7.0 on ("cu12"), after the exact toolkit before. sm_100/sm_120
-# kernels are only compiled when that toolkit is >= 12.8 (setup.py, "bare_metal_version >= 12.8").
+# (the "Build wheel" step, the name setup.py get_wheel_url() asks for; at v2.8.3 publish.yml lines
+# 40-56 and 147). Wheels are named after torch's CUDA major from v2.7.0 on ("cu12"), after the
+# exact toolkit before. sm_100/sm_120 kernels are only compiled when that toolkit is >= 12.8
+# (setup.py, "bare_metal_version >= 12.8").
 # "excluded" rows are (torch, python tag or None = any, CUDA major or None = any).
 # Not listed on purpose: v2.8.3.post1. Its tag's publish.yml is v2.8.3's matrix unchanged, yet its
 # setup.py asks for cu13 wheels that main's _build.yml builds: what that release published cannot
@@ -332,7 +333,8 @@ def kernel_arch_for(capability: str, blackwell_kernels: bool | None) -> str | No
     return None
 
 
-# Source builds, after flash-attention v2.8.3 setup.py:
+# Source builds, after flash-attention v2.8.3 setup.py (lines as of that tag: cuda_archs() 68-70,
+# -gencode flags 180-191, append_nvcc_threads() 123-125, CachedWheelsCommand 471-500, MAX_JOBS 508-521):
 # - cuda_archs() reads FLASH_ATTN_CUDA_ARCHS (default "80;90;100;120") and compiles exactly the
 #   values 80, 90 (nvcc >= 11.8), 100 and 120 (nvcc >= 12.8) as -gencode flags; any other value is
 #   silently skipped. Those flags go into extra_compile_args["nvcc"], and torch's
