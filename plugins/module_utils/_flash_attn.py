@@ -82,25 +82,38 @@ else:
 print("LLMSTACK_FLASH_ATTN_PROBE=" + json.dumps(report))
 """
 
-# Release wheels as published by flash-attention's publish workflow at each tag (torch
-# major.minor, CPython tags, CUDA toolkit they were built with, Linux machines). Wheels are
-# named after torch's CUDA major from v2.7.0 on ("cu12"), after the exact toolkit before.
-# sm_100/sm_120 kernels are only compiled when that toolkit is >= 12.8.
+# Release wheels each flash-attention tag publishes, read from that tag's
+# .github/workflows/publish.yml (Dao-AILab/flash-attention): the build_wheels matrix
+# python-version x torch-version x cuda-version x cxx11_abi, minus its `exclude` entries, built
+# on `os` (ubuntu-*, x86_64 only) and renamed "+cu<CUDA major>torch<major.minor>cxx11abi<ABI>"
+# (the "Build wheel" step, the name setup.py get_wheel_url() asks for; at v2.8.3 publish.yml lines
+# 40-56 and 147). Wheels are named after torch's CUDA major from v2.7.0 on ("cu12"), after the
+# exact toolkit before. sm_100/sm_120 kernels are only compiled when that toolkit is >= 12.8
+# (setup.py, "bare_metal_version >= 12.8").
+# "excluded" rows are (torch, python tag or None = any, CUDA major or None = any).
+# Not listed on purpose: v2.8.3.post1. Its tag's publish.yml is v2.8.3's matrix unchanged, yet its
+# setup.py asks for cu13 wheels that main's _build.yml builds: what that release published cannot
+# be read from the tag, so `auto` refuses it and a wheel URL (mode url) is the way to use it.
+BOTH_ABIS = ("FALSE", "TRUE")
 PY39_313 = ("cp39", "cp310", "cp311", "cp312", "cp313")
 RELEASES = {
     "2.6.3": {
+        "source": "v2.6.3:.github/workflows/publish.yml",
         "torch": ("2.0", "2.1", "2.2", "2.3", "2.4"),
         "python": ("cp38", "cp39", "cp310", "cp311", "cp312"),
         "cuda_tags": {"11": "118", "12": "123"},
         "build_cuda": "12.3",
+        "cxx11abi": BOTH_ABIS,
         "machines": ("x86_64",),
         "excluded": (("2.0", "cp312", None), ("2.1", "cp312", None), ("2.0", None, "12")),
     },
     "2.7.4": {
+        "source": "v2.7.4:.github/workflows/publish.yml",
         "torch": ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6"),
         "python": PY39_313,
         "cuda_tags": {"12": "12"},
         "build_cuda": "12.4",
+        "cxx11abi": BOTH_ABIS,
         "machines": ("x86_64",),
         "excluded": (
             ("2.1", "cp312", None),
@@ -111,24 +124,33 @@ RELEASES = {
         ),
     },
     "2.7.4.post1": {
+        "source": "v2.7.4.post1:.github/workflows/publish.yml",
         "torch": ("2.2", "2.3", "2.4", "2.5", "2.6"),
         "python": PY39_313,
         "cuda_tags": {"12": "12"},
         "build_cuda": "12.4",
+        "cxx11abi": BOTH_ABIS,
         "machines": ("x86_64",),
         "excluded": (("2.2", "cp313", None), ("2.3", "cp313", None), ("2.4", "cp313", None)),
     },
 }
-for _version in ("2.8.0", "2.8.0.post2", "2.8.1", "2.8.2"):
+for _version, _cuda in (("2.8.0", "12.9"), ("2.8.0.post2", "12.9"), ("2.8.1", "12.9"), ("2.8.2", "12.9")):
     RELEASES[_version] = {
+        "source": "v%s:.github/workflows/publish.yml" % _version,
         "torch": ("2.4", "2.5", "2.6", "2.7"),
         "python": PY39_313,
         "cuda_tags": {"12": "12"},
-        "build_cuda": "12.9",
+        "build_cuda": _cuda,
+        "cxx11abi": BOTH_ABIS,
         "machines": ("x86_64",),
         "excluded": (("2.4", "cp313", None),),
     }
-RELEASES["2.8.3"] = dict(RELEASES["2.8.2"], torch=("2.4", "2.5", "2.6", "2.7", "2.8"))
+# v2.8.3: python 3.9-3.13 x torch 2.4.0/2.5.1/2.6.0/2.7.1/2.8.0 x CUDA 12.9.1 x cxx11abi FALSE/TRUE,
+# minus torch 2.4 with Python 3.13, on ubuntu-22.04 (x86_64). No torch 2.9 (TabbyAPI main's floor),
+# no CUDA 13, no aarch64.
+RELEASES["2.8.3"] = dict(
+    RELEASES["2.8.2"], source="v2.8.3:.github/workflows/publish.yml", torch=("2.4", "2.5", "2.6", "2.7", "2.8")
+)
 
 DEFAULT_WHEEL_VERSION = "2.8.3"
 DEFAULT_MIN_VERSION = "2.5.7"
@@ -214,7 +236,7 @@ def recommend_wheel(report: dict, wheel_version: str) -> dict | None:
             python_tag,
             machine,
         )
-    published, why = _published(release, wheel_version, torch_mm, python_tag, cuda, machine)
+    published, why = _published(release, wheel_version, torch_mm, python_tag, cuda, machine, abi)
     capabilities = [device["capability"] for device in report.get("devices") or []]
     blackwell_kernels = _has_blackwell_kernels(release)
     missing_arches = []
@@ -227,6 +249,7 @@ def recommend_wheel(report: dict, wheel_version: str) -> dict | None:
         "url": RELEASE_URL.format(version=wheel_version, filename=filename) if filename else None,
         "published": published,
         "why_not_published": why,
+        "published_per": "Dao-AILab/flash-attention@%s" % release["source"] if release else None,
         "python_tag": python_tag,
         "torch": torch_mm,
         "cuda_major": cuda,
@@ -238,9 +261,12 @@ def recommend_wheel(report: dict, wheel_version: str) -> dict | None:
     }
 
 
-def _published(release, wheel_version, torch_mm, python_tag, cuda, machine) -> tuple[bool | None, str | None]:
+def _published(release, wheel_version, torch_mm, python_tag, cuda, machine, abi) -> tuple[bool | None, str | None]:
     if release is None:
-        return None, "flash-attn %s is not in this module's table of releases: check its release page" % wheel_version
+        return None, (
+            "flash-attn %s is not in this module's table of published release wheels (%s), so which wheels it "
+            "published is unknown" % (wheel_version, ", ".join(sorted(RELEASES, key=version_key)))
+        )
     if machine not in release["machines"]:
         return False, "flash-attn %s publishes Linux wheels for %s only, not %s" % (
             wheel_version,
@@ -265,10 +291,33 @@ def _published(release, wheel_version, torch_mm, python_tag, cuda, machine) -> t
             ", ".join(release["python"]),
             python_tag,
         )
+    if abi not in release["cxx11abi"]:
+        return False, "flash-attn %s publishes cxx11abi%s wheels only, not cxx11abi%s" % (
+            wheel_version,
+            "/".join(release["cxx11abi"]),
+            abi,
+        )
     for torch_ex, python_ex, cuda_ex in release["excluded"]:
         if torch_ex == torch_mm and python_ex in (None, python_tag) and cuda_ex in (None, cuda):
             return False, "flash-attn %s has no wheel for torch %s with %s" % (wheel_version, torch_mm, python_tag)
     return True, None
+
+
+def published_wheels(wheel_version: str) -> list[str]:
+    """Every wheel file name the table says that release published (for tests and reports)."""
+    release = RELEASES[wheel_version]
+    names = []
+    for machine in release["machines"]:
+        for cuda, cuda_tag in release["cuda_tags"].items():
+            for torch_mm in release["torch"]:
+                for python_tag in release["python"]:
+                    for abi in release["cxx11abi"]:
+                        if _published(release, wheel_version, torch_mm, python_tag, cuda, machine, abi)[0]:
+                            names.append(
+                                "flash_attn-%s+cu%storch%scxx11abi%s-%s-%s-linux_%s.whl"
+                                % (wheel_version, cuda_tag, torch_mm, abi, python_tag, python_tag, machine)
+                            )
+    return names
 
 
 def kernel_arch_for(capability: str, blackwell_kernels: bool | None) -> str | None:
@@ -284,22 +333,130 @@ def kernel_arch_for(capability: str, blackwell_kernels: bool | None) -> str | No
     return None
 
 
-def source_build(report: dict, wheel_version: str, python: str) -> dict:
-    """How to build the wheel instead: flash-attn 2.8 picks its arches from
-    FLASH_ATTN_CUDA_ARCHS (80;90;100;120); TORCH_CUDA_ARCH_LIST is set too for older setups."""
-    capabilities = [device["capability"] for device in report.get("devices") or []]
-    fa_arches = sorted(
-        {"%s0" % cap.split(".")[0] for cap in capabilities if cap.split(".")[0] in ("8", "9", "10", "12")}
-    )
-    env = {"MAX_JOBS": "4"}
-    if fa_arches:
-        env["FLASH_ATTN_CUDA_ARCHS"] = ";".join(sorted(fa_arches, key=int))
-        env["TORCH_CUDA_ARCH_LIST"] = ";".join(sorted(set(capabilities), key=version_key))
+# Source builds, after flash-attention v2.8.3 setup.py (lines as of that tag: cuda_archs() 68-70,
+# -gencode flags 180-191, append_nvcc_threads() 123-125, CachedWheelsCommand 471-500, MAX_JOBS 508-521):
+# - cuda_archs() reads FLASH_ATTN_CUDA_ARCHS (default "80;90;100;120") and compiles exactly the
+#   values 80, 90 (nvcc >= 11.8), 100 and 120 (nvcc >= 12.8) as -gencode flags; any other value is
+#   silently skipped. Those flags go into extra_compile_args["nvcc"], and torch's
+#   cpp_extension._get_cuda_arch_flags() returns [] once a caller flag names an arch, so
+#   TORCH_CUDA_ARCH_LIST is ignored (it only counts when FLASH_ATTN_CUDA_ARCHS selects nothing).
+# - A cubin runs on its own major at the same or a higher minor, hence one value per major.
+# - NinjaBuildExtension sets MAX_JOBS only when unset, to min(cpu_count // 2, available GB / 9)
+#   ("each JOB peak memory cost is ~8-9GB when threads = 4") and imports psutil to do it; the
+#   threads are NVCC_THREADS (append_nvcc_threads, default 4). The release CI builds with
+#   MAX_JOBS=1 NVCC_THREADS=2 on 16 GB runners with 10 GB swap (publish.yml, "Build wheel").
+# - FLASH_ATTENTION_FORCE_BUILD=TRUE skips CachedWheelsCommand, which otherwise downloads the
+#   release wheel get_wheel_url() guesses and installs that instead of building.
+SOURCE_BUILD_ARCHS = {"8": "80", "9": "90", "10": "100", "12": "120"}
+NVCC_THREADS = 4
+BUILD_JOB_MIB = 9 * 1024
+LOW_MEMORY_NVCC_THREADS = 2
+
+
+def build_arch(value: str) -> str | None:
+    """FLASH_ATTN_CUDA_ARCHS value for a compute capability ("12.0", "8.6") or an arch ("120",
+    "sm_90"); None when setup.py would compile nothing for it."""
+    text = str(value).strip().lower()
+    if text.startswith("sm_"):
+        text = text[3:]
+    if "." in text:
+        return SOURCE_BUILD_ARCHS.get(text.split(".", 1)[0])
+    return text if text in SOURCE_BUILD_ARCHS.values() else None
+
+
+def build_jobs(memory_available_mib: int | None, cpus: int | None, cap: int = 0) -> dict:
+    """MAX_JOBS/NVCC_THREADS for a node: setup.py's own rule (one job per 9 GiB available at 4 nvcc
+    threads, at most half the CPUs), computed here so it is reported and psutil is not needed,
+    then capped by `cap` (0: no cap). Under 9 GiB: one job at 2 threads, like the release CI."""
+    cpu_jobs = max(1, (cpus or 2) // 2)
+    memory_jobs = (memory_available_mib // BUILD_JOB_MIB) if memory_available_mib is not None else cpu_jobs
+    threads = NVCC_THREADS if memory_jobs >= 1 else LOW_MEMORY_NVCC_THREADS
+    jobs = max(1, min(cpu_jobs, memory_jobs))
+    if cap > 0:
+        jobs = min(jobs, cap)
+    return {
+        "MAX_JOBS": str(jobs),
+        "NVCC_THREADS": str(threads),
+        "rule": "min(cpus // 2 = %d, MemAvailable %s MiB // %d MiB per job at %d nvcc threads)%s = %d"
+        % (cpu_jobs, memory_available_mib, BUILD_JOB_MIB, NVCC_THREADS, " capped at %d" % cap if cap > 0 else "", jobs),
+    }
+
+
+def source_build(
+    report: dict,
+    wheel_version: str,
+    python: str,
+    capabilities: list | None = None,
+    cuda_archs: list | None = None,
+    memory_available_mib: int | None = None,
+    cpus: int | None = None,
+    max_jobs: int = 0,
+) -> dict:
+    """Environment and command of a source build limited to this node's GPUs. `cuda_archs` (explicit)
+    wins over `capabilities` (gpu_facts), which win over the devices torch reports; `error` names
+    the fix when nothing is left to build for."""
+    if cuda_archs:
+        wanted, origin = [str(arch) for arch in cuda_archs], "cuda_archs"
+    elif capabilities:
+        wanted, origin = [str(cap) for cap in capabilities], "the GPUs' compute capability"
+    else:
+        wanted = [device["capability"] for device in report.get("devices") or []]
+        origin = "the devices torch sees"
+    archs = sorted({build_arch(item) for item in wanted} - {None}, key=int)
+    unsupported = sorted({item for item in wanted if build_arch(item) is None})
+    error = None
+    if not wanted:
+        error = (
+            "no GPU architecture to build flash-attn for (no compute capability from nvidia-smi or torch): set "
+            "tabbyapi_flash_attn_cuda_archs (the module's cuda_archs), e.g. 120 for sm_120, 90 for H100"
+        )
+    elif not archs or (origin == "cuda_archs" and unsupported):
+        error = (
+            "flash-attn %s's setup.py compiles FLASH_ATTN_CUDA_ARCHS values 80, 90, 100 and 120 only (sm_80 also "
+            "serves 8.6/8.9, sm_100 10.x, sm_120 12.x; flash-attn 2 needs Ampere or newer), and %s gives %s"
+            % (wheel_version, origin, ", ".join(unsupported))
+        )
+    env = {"FLASH_ATTENTION_FORCE_BUILD": "TRUE"}
+    jobs = build_jobs(memory_available_mib, cpus, max_jobs)
+    env.update(MAX_JOBS=jobs["MAX_JOBS"], NVCC_THREADS=jobs["NVCC_THREADS"])
+    if archs:
+        env["FLASH_ATTN_CUDA_ARCHS"] = ";".join(archs)
     return {
         "env": env,
+        "cuda_archs": archs,
+        "arch_origin": origin,
+        "skipped_capabilities": unsupported,
+        "max_jobs_rule": jobs["rule"],
+        "memory_available_mib": memory_available_mib,
+        "cpus": cpus,
+        "error": error,
         "command": [python, "-m", "pip", "install", "flash-attn==%s" % wheel_version, "--no-build-isolation"],
-        "needs": "nvcc from a CUDA toolkit >= 12.8 for Blackwell (>= 11.7 otherwise) matching torch's CUDA major",
+        "needs": "nvcc from a CUDA toolkit >= 12.8 for sm_100/sm_120 (>= 11.8 for sm_90, >= 11.7 otherwise) "
+        "matching torch's CUDA major",
     }
+
+
+def wheel_refusal(wheel: dict | None, python: str) -> str | None:
+    """Why `auto` must not install the recommended wheel, with the three ways out; None when the
+    release published it and it carries kernels for every GPU seen."""
+    if wheel and wheel["published"] is True and not wheel["lacks_kernels_for"]:
+        return None
+    if wheel is None:
+        why = "torch in %s has no CUDA build, so no flash-attn wheel fits" % python
+    elif wheel["published"] is not True:
+        why = "%s: %s was never published" % (wheel["why_not_published"], wheel["filename"])
+    else:
+        why = (
+            "flash-attn %s wheels (built with CUDA %s) have no kernels for compute capability %s: use 2.8.0 or newer "
+            "(wheel_version, the role's tabbyapi_flash_attn_version) for sm_100/sm_120; sm_80 is the oldest flash-attn "
+            "2 supports" % (wheel["version"], wheel["built_with_cuda"], ", ".join(wheel["lacks_kernels_for"]))
+        )
+    return (
+        "%s. Nothing was installed. Ways out: (1) a known-good venv tarball with torch and flash-attn built "
+        "together (tabbyapi_install_method: venv_tarball); (2) build it from source on the node "
+        "(tabbyapi_flash_attn: source); (3) a wheel you trust for exactly this python/torch/CUDA/ABI "
+        "(tabbyapi_flash_attn: url with tabbyapi_flash_attn_url)" % why
+    )
 
 
 def diagnose(report: dict, min_version: str, wheel: dict | None, python: str) -> tuple[str, str]:
@@ -376,16 +533,5 @@ def diagnose(report: dict, min_version: str, wheel: dict | None, python: str) ->
 
 
 def _install_hint(wheel: dict | None, python: str) -> str:
-    if wheel and wheel["url"] and wheel["published"] is not False and not wheel["lacks_kernels_for"]:
-        return "%s -m pip install %s" % (python, wheel["url"])
-    if wheel and wheel["why_not_published"]:
-        return (
-            "%s; build it from source (see source_build) or move to a torch that release covers"
-            % wheel["why_not_published"]
-        )
-    if wheel and wheel["lacks_kernels_for"]:
-        return (
-            "flash-attn %s wheels (built with CUDA %s) have no kernels for compute capability %s: use 2.8.0 or newer"
-            % (wheel["version"], wheel["built_with_cuda"], ", ".join(wheel["lacks_kernels_for"]))
-        )
-    return "install a CUDA build of torch, then the matching flash-attn wheel"
+    refusal = wheel_refusal(wheel, python)
+    return refusal if refusal else "%s -m pip install %s" % (python, wheel["url"])

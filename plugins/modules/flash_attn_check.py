@@ -18,6 +18,10 @@ description:
     flash-attn release wheel (file name and URL) matching that environment in RV(recommended_wheel).
   - With O(run_kernel=true) and a GPU present it also runs a tiny attention kernel, which is the only way
     to catch a build without kernels for the GPU ("no kernel image is available for execution on the device").
+  - Refuses, in RV(wheel_refusal), any wheel the release did not publish (its table of published wheels is
+    built from each flash-attn tag's C(.github/workflows/publish.yml)), naming the ways out.
+  - Describes a source build limited to this node's GPU architectures in RV(source_build)
+    (C(FLASH_ATTN_CUDA_ARCHS), C(MAX_JOBS) from the node's available memory, C(NVCC_THREADS)).
   - Never changes anything.
 author:
   - llmstack maintainers (@llmstack)
@@ -67,10 +71,35 @@ options:
     description: Fail, with the message, unless RV(problem) is V(ok).
     type: bool
     default: false
+  capabilities:
+    description:
+      - Compute capabilities of the node's GPUs (C(gpu_facts)' C(compute_capability)) for RV(source_build); empty
+        uses the devices torch sees.
+    type: list
+    elements: str
+    default: []
+  cuda_archs:
+    description:
+      - C(FLASH_ATTN_CUDA_ARCHS) values for RV(source_build), overriding O(capabilities). flash-attn's setup.py
+        compiles V(80), V(90), V(100) and V(120) only; compute capabilities such as V(12.0) are mapped to those.
+    type: list
+    elements: str
+    default: []
+  arch_list:
+    description:
+      - Deprecated; a C(TORCH_CUDA_ARCH_LIST)-style list such as V(12.0;9.0), mapped to O(cuda_archs).
+        C(TORCH_CUDA_ARCH_LIST) is ignored by flash-attn's setup.py, which reads C(FLASH_ATTN_CUDA_ARCHS).
+    type: str
+  max_jobs:
+    description:
+      - Cap on the C(MAX_JOBS) of RV(source_build), which is otherwise one job per 9 GiB of available memory
+        and at most half the CPUs (setup.py's own rule); V(0) means no cap.
+    type: int
+    default: 0
 notes:
-  - The release matrix (torch, Python, CUDA and machine per flash-attn version) is built into the module
-    for 2.6.3 and 2.7.4 to 2.8.3; for another O(wheel_version) the file name follows the current naming
-    scheme and RV(recommended_wheel.published) is null.
+  - The table of published wheels (torch, Python, CUDA, ABI and machine per flash-attn version) is built into the
+    module for 2.6.3 and 2.7.4 to 2.8.3; for another O(wheel_version) the file name follows the current naming
+    scheme, RV(recommended_wheel.published) is null and RV(wheel_refusal) says so.
 seealso:
   - module: llmstack.inference.gpu_facts
 """
@@ -231,24 +260,72 @@ recommended_wheel:
       description: Compute capabilities of this host's GPUs that the release wheels have no kernel for.
       type: list
       elements: str
+    published_per:
+      description: The release workflow file the table of published wheels was read from, or null.
+      type: str
+      sample: Dao-AILab/flash-attention@v2.8.3:.github/workflows/publish.yml
+wheel_refusal:
+  description:
+    - Why RV(recommended_wheel) must not be installed (the release did not publish it, its release is not in the
+      table, or it has no kernels for a GPU here), naming the ways out; null when it may be installed.
+  returned: always
+  type: str
+  sample: >-
+    flash-attn 2.8.3 publishes wheels for torch 2.4, 2.5, 2.6, 2.7, 2.8 only, not 2.9: ... was never published.
+    Nothing was installed. Ways out: (1) a known-good venv tarball ...
 source_build:
-  description: How to build flash-attn for this environment instead (environment and command).
+  description: How to build flash-attn for this node instead (environment and command).
   returned: always
   type: dict
-  sample:
-    env: {"MAX_JOBS": "4", "FLASH_ATTN_CUDA_ARCHS": "120", "TORCH_CUDA_ARCH_LIST": "12.0"}
+  contains:
+    env:
+      description:
+        - Environment of the build - C(FLASH_ATTN_CUDA_ARCHS) (absent when no architecture is left),
+          C(MAX_JOBS), C(NVCC_THREADS), C(FLASH_ATTENTION_FORCE_BUILD=TRUE) (no download of a guessed release wheel).
+      type: dict
+      sample:
+        FLASH_ATTENTION_FORCE_BUILD: "TRUE"
+        MAX_JOBS: "8"
+        NVCC_THREADS: "4"
+        FLASH_ATTN_CUDA_ARCHS: "100;120"
+    cuda_archs:
+      description: The C(FLASH_ATTN_CUDA_ARCHS) values, one per GPU major.
+      type: list
+      elements: str
+      sample: ["100", "120"]
+    arch_origin:
+      description: Where they came from - V(cuda_archs), V(the GPUs' compute capability) or V(the devices torch sees).
+      type: str
+    skipped_capabilities:
+      description: Capabilities or values setup.py has no kernels for (below sm_80, or sm_110).
+      type: list
+      elements: str
+    max_jobs_rule:
+      description: How C(MAX_JOBS) was reached.
+      type: str
+      sample: min(cpus // 2 = 36, MemAvailable 81920 MiB // 9216 MiB per job at 4 nvcc threads) = 8
+    memory_available_mib:
+      description: C(MemAvailable) of the node, or null when unreadable.
+      type: int
+    cpus:
+      description: CPUs of the node (C(os.cpu_count())).
+      type: int
+    error:
+      description: Why there is nothing to build for, naming the fix; null otherwise.
+      type: str
     command:
-      - /opt/llmstack/tabbyapi/venv/bin/python
-      - -m
-      - pip
-      - install
-      - flash-attn==2.8.3
-      - --no-build-isolation
-    needs: nvcc from a CUDA toolkit >= 12.8 for Blackwell (>= 11.7 otherwise) matching torch's CUDA major
+      description: The pip command.
+      type: list
+      elements: str
+      sample: [/opt/llmstack/tabbyapi/venv/bin/python, -m, pip, install, flash-attn==2.8.3, --no-build-isolation]
+    needs:
+      description: What the build needs on the node.
+      type: str
 """
 
 import json
 import os
+import re
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llmstack.inference.plugins.module_utils import _flash_attn as fa
@@ -281,6 +358,16 @@ def run_probe(module: AnsibleModule) -> dict:
     return report
 
 
+def memory_available_mib() -> int | None:
+    """MemAvailable, what setup.py's psutil.virtual_memory().available reads."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            match = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) // 1024 if match else None
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
@@ -291,11 +378,25 @@ def main() -> None:
             environment=dict(type="dict", default={}),
             timeout=dict(type="int", default=300),
             fail_on_problem=dict(type="bool", default=False),
+            capabilities=dict(type="list", elements="str", default=[]),
+            cuda_archs=dict(type="list", elements="str", default=[]),
+            arch_list=dict(type="str"),
+            max_jobs=dict(type="int", default=0),
         ),
         supports_check_mode=True,
     )
     python = module.params["python"]
     wheel_version = module.params["wheel_version"].lstrip("v")
+    cuda_archs = module.params["cuda_archs"]
+    if module.params["arch_list"]:
+        module.deprecate(
+            "arch_list (the role's tabbyapi_flash_attn_arch_list) names TORCH_CUDA_ARCH_LIST, which flash-attn's "
+            "setup.py ignores; use cuda_archs (tabbyapi_flash_attn_cuda_archs) with FLASH_ATTN_CUDA_ARCHS values "
+            "such as 120 or 90",
+            version="0.3.0",
+            collection_name="llmstack.inference",
+        )
+        cuda_archs = cuda_archs or [item for item in re.split(r"[;, ]+", module.params["arch_list"]) if item]
     report = run_probe(module)
     wheel = fa.recommend_wheel(report, wheel_version)
     problem, message = fa.diagnose(report, module.params["min_version"], wheel, python)
@@ -330,7 +431,17 @@ def main() -> None:
         flash_attn_error=report.get("flash_attn_error"),
         kernel_ok=report.get("kernel_ok"),
         recommended_wheel=wheel,
-        source_build=fa.source_build(report, wheel_version, python),
+        wheel_refusal=fa.wheel_refusal(wheel, python),
+        source_build=fa.source_build(
+            report,
+            wheel_version,
+            python,
+            capabilities=module.params["capabilities"],
+            cuda_archs=cuda_archs,
+            memory_available_mib=memory_available_mib(),
+            cpus=os.cpu_count(),
+            max_jobs=module.params["max_jobs"],
+        ),
     )
     if module.params["fail_on_problem"] and problem != "ok":
         module.fail_json(msg=message, **result)

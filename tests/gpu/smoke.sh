@@ -2,6 +2,11 @@
 # GPU smoke test for a lent CUDA machine (never run in CI): runs the gpu_facts and
 # flash_attn_check modules through ansible (localhost, local connection) against the machine's
 # real nvidia-smi and torch, with a real flash-attn kernel run, and prints the recommended wheel.
+# For the machine's torch it then checks flash-attn `auto`: the recommendation and the refusal
+# agree (a wheel the release never published is refused with the ways out), and the tabbyapi
+# role's own flash-attn tasks, run in check mode, stop at the refusal with the environment's
+# `pip freeze` unchanged. Last, the source build plan: FLASH_ATTN_CUDA_ARCHS for these GPUs,
+# MAX_JOBS from this machine's available memory.
 #
 # Usage: tests/gpu/smoke.sh [--python PY] [--wheel-version V] [--install-torch SPEC]
 #                           [--install-flash-attn] [--out DIR]
@@ -37,7 +42,7 @@ while [[ $# -gt 0 ]]; do
     --install-torch) install_torch=$2; shift 2 ;;
     --install-flash-attn) install_flash_attn=1; shift ;;
     --out) out_dir=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
-    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -144,3 +144,154 @@ def test_every_problem_is_documented():
 
     for problem in documented:
         assert "V(%s)" % problem in flash_attn_check.RETURN
+
+
+# Published wheels (the table follows each tag's .github/workflows/publish.yml) and auto's refusals.
+PY310_313 = ("cp310", "cp311", "cp312", "cp313")
+
+
+@pytest.mark.parametrize("abi", [True, False])
+@pytest.mark.parametrize("python_tag", PY310_313)
+@pytest.mark.parametrize("cuda", ["12.8", "13.0"])
+@pytest.mark.parametrize("torch_mm", ["2.9", "2.8", "2.7"])
+def test_auto_recommends_only_published_wheels(torch_mm, cuda, python_tag, abi):
+    probed = report(
+        torch_version="%s.1+cu%s" % (torch_mm, cuda.replace(".", "")),
+        torch_cuda=cuda,
+        python_tag=python_tag,
+        cxx11abi=abi,
+    )
+    wheel = fa.recommend_wheel(probed, "2.8.3")
+    # v2.8.3 publish.yml: torch 2.4-2.8 x CUDA 12.9.1 x cp39-cp313 x both ABIs (torch 2.4 not on cp313).
+    published = torch_mm in ("2.7", "2.8") and cuda.startswith("12.")
+    assert wheel["published"] is published
+    assert wheel["cxx11abi"] == ("TRUE" if abi else "FALSE")
+    assert wheel["published_per"] == "Dao-AILab/flash-attention@v2.8.3:.github/workflows/publish.yml"
+    refusal = fa.wheel_refusal(wheel, "/venv/bin/python")
+    problem, message = fa.diagnose(
+        dict(probed, flash_attn_missing=True, flash_attn_error="ImportError"), "2.5.7", wheel, "/venv/bin/python"
+    )
+    assert problem == "missing"
+    if published:
+        assert refusal is None
+        assert message.endswith("/venv/bin/python -m pip install %s" % wheel["url"])
+    else:
+        assert wheel["filename"] in refusal
+        for way_out in (
+            "tabbyapi_install_method: venv_tarball",
+            "tabbyapi_flash_attn: source",
+            "tabbyapi_flash_attn: url with tabbyapi_flash_attn_url",
+        ):
+            assert way_out in refusal
+        assert "Nothing was installed" in refusal
+        assert ("not CUDA 13" if cuda == "13.0" else "torch 2.4, 2.5, 2.6, 2.7, 2.8 only, not 2.9") in refusal
+        assert "pip install" not in message
+        assert refusal in message
+
+
+def test_v2_8_3_table_is_the_release_matrix():
+    names = fa.published_wheels("2.8.3")
+    # 5 pythons x 5 torch x 2 ABIs, minus torch 2.4 on cp313 (both ABIs).
+    assert len(names) == len(set(names)) == 48
+    assert "flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp313-cp313-linux_x86_64.whl" in names
+    assert "flash_attn-2.8.3+cu12torch2.4cxx11abiFALSE-cp39-cp39-linux_x86_64.whl" in names
+    assert "flash_attn-2.8.3+cu12torch2.4cxx11abiFALSE-cp313-cp313-linux_x86_64.whl" not in names
+    assert not [name for name in names if "torch2.9" in name or "cu13" in name or "aarch64" in name]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "version", "why"),
+    [
+        ({}, "2.8.3.post1", "not in this module's table of published release wheels"),
+        ({"machine": "aarch64"}, "2.8.3", "for x86_64 only, not aarch64"),
+        (
+            {"torch_version": "2.4.1+cu124", "torch_cuda": "12.4", "python_tag": "cp313"},
+            "2.8.3",
+            "no wheel for torch 2.4 with cp313",
+        ),
+        (
+            {"torch_version": "2.6.0+cu124", "torch_cuda": "12.4"},
+            "2.7.4.post1",
+            "no kernels for compute capability 12.0: use 2.8.0 or newer",
+        ),
+    ],
+)
+def test_auto_refuses_unknown_unpublished_and_kernelless_wheels(overrides, version, why):
+    refusal = fa.wheel_refusal(fa.recommend_wheel(report(**overrides), version), "/venv/bin/python")
+    assert why in refusal
+    assert "tabbyapi_flash_attn: source" in refusal
+
+
+def test_cpu_torch_is_refused_too():
+    assert "no CUDA build" in fa.wheel_refusal(None, "/venv/bin/python")
+
+
+# Source builds: FLASH_ATTN_CUDA_ARCHS values setup.py compiles (80, 90, 100, 120), MAX_JOBS from memory.
+@pytest.mark.parametrize(
+    ("value", "arch"),
+    [
+        ("12.0", "120"),
+        ("12.1", "120"),
+        ("10.0", "100"),
+        ("10.3", "100"),
+        ("9.0", "90"),
+        ("8.0", "80"),
+        ("8.6", "80"),
+        ("8.9", "80"),
+        ("7.5", None),
+        ("11.0", None),
+        ("120", "120"),
+        ("sm_90", "90"),
+        ("89", None),
+    ],
+)
+def test_build_arch(value, arch):
+    assert fa.build_arch(value) == arch
+
+
+@pytest.mark.parametrize(
+    ("memory_mib", "cpus", "cap", "jobs", "threads"),
+    [
+        (8 * 1024, 16, 0, "1", "2"),  # under one job's 9 GiB: one job at 2 threads, like the release CI
+        (9 * 1024, 16, 0, "1", "4"),
+        (40 * 1024, 16, 0, "4", "4"),
+        (400 * 1024, 16, 0, "8", "4"),  # half the CPUs
+        (400 * 1024, 16, 3, "3", "4"),  # the cap
+        (20 * 1024, 16, 6, "2", "4"),  # a cap never raises it past memory
+        (None, 8, 0, "4", "4"),
+    ],
+)
+def test_build_jobs(memory_mib, cpus, cap, jobs, threads):
+    got = fa.build_jobs(memory_mib, cpus, cap)
+    assert (got["MAX_JOBS"], got["NVCC_THREADS"]) == (jobs, threads)
+    assert got["rule"].endswith("= %s" % jobs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "archs", "skipped", "error"),
+    [
+        ({"capabilities": ["12.0", "10.0", "12.0"]}, ["100", "120"], [], None),
+        ({"capabilities": ["7.5", "9.0"]}, ["90"], ["7.5"], None),
+        ({"capabilities": ["9.0"], "cuda_archs": ["120"]}, ["120"], [], None),
+        ({"capabilities": ["7.5"]}, [], ["7.5"], "compiles FLASH_ATTN_CUDA_ARCHS values 80, 90, 100 and 120 only"),
+        ({"cuda_archs": ["89", "90"]}, ["90"], ["89"], "cuda_archs gives 89"),
+        ({}, ["120"], [], None),  # the devices torch sees (an RTX 5090 in report())
+    ],
+)
+def test_source_build_archs(kwargs, archs, skipped, error):
+    build = fa.source_build(report(), "2.8.3", "/venv/bin/python", memory_available_mib=64 * 1024, cpus=32, **kwargs)
+    assert build["cuda_archs"] == archs
+    assert build["skipped_capabilities"] == skipped
+    assert build["env"].get("FLASH_ATTN_CUDA_ARCHS") == (";".join(archs) or None)
+    assert "TORCH_CUDA_ARCH_LIST" not in build["env"]
+    assert build["env"]["FLASH_ATTENTION_FORCE_BUILD"] == "TRUE"
+    assert build["env"]["MAX_JOBS"] == "7"
+    if error:
+        assert error in build["error"]
+    else:
+        assert build["error"] is None
+
+
+def test_source_build_without_any_gpu_names_the_variable():
+    build = fa.source_build(report(devices=[]), "2.8.3", "/venv/bin/python")
+    assert "tabbyapi_flash_attn_cuda_archs" in build["error"]

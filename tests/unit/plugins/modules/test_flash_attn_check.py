@@ -176,11 +176,14 @@ def test_reported_environment_details(tmp_path, capsys):
     assert [d["name"] for d in out["devices"]] == ["NVIDIA GeForce RTX 5090", "NVIDIA GeForce RTX 4090"]
     assert out["flash_attn_version"] == "2.8.3"
     assert out["kernel_ok"] is None, "no kernel runs unless asked"
-    assert out["source_build"]["env"] == {
-        "MAX_JOBS": "4",
-        "FLASH_ATTN_CUDA_ARCHS": "80;120",
-        "TORCH_CUDA_ARCH_LIST": "8.9;12.0",
-    }
+    # One value per major (sm_80 serves 8.9); TORCH_CUDA_ARCH_LIST is not set: setup.py ignores it.
+    env = out["source_build"]["env"]
+    assert env["FLASH_ATTN_CUDA_ARCHS"] == "80;120"
+    assert "TORCH_CUDA_ARCH_LIST" not in env
+    assert env["FLASH_ATTENTION_FORCE_BUILD"] == "TRUE"
+    assert out["source_build"]["arch_origin"] == "the devices torch sees"
+    assert out["source_build"]["cpus"] == os.cpu_count()
+    assert int(env["MAX_JOBS"]) == max(1, min(os.cpu_count() // 2, out["source_build"]["memory_available_mib"] // 9216))
     assert out["source_build"]["command"][-2:] == ["flash-attn==2.8.3", "--no-build-isolation"]
 
 
@@ -306,3 +309,56 @@ def test_real_cpu_torch_venv(capsys):
     assert out["python_tag"] == "cp%d%d" % sys.version_info[:2]
     assert out["recommended_wheel"] is None
     assert "torch %s in %s is a CPU-only build" % (out["torch_version"], python) in out["message"]
+
+
+@pytest.mark.parametrize(
+    ("torch", "cuda", "abi", "why"),
+    [
+        ("2.9.1+cu128", "12.8", True, "torch 2.4, 2.5, 2.6, 2.7, 2.8 only, not 2.9"),
+        ("2.9.1+cu130", "13.0", True, "CUDA 12 torch builds only, not CUDA 13"),
+        ("2.7.1+cu126", "12.6", False, None),
+    ],
+)
+def test_wheel_refusal_for_torch_without_release_wheels(tmp_path, capsys, torch, cuda, abi, why):
+    # TabbyAPI main pins torch >= 2.9; flash-attn 2.8.3 published wheels up to torch 2.8 only.
+    python = make_env(tmp_path / "venv", torch=torch, cuda=cuda, abi=abi, flash_attn=None)
+    code, out = run_module(capsys, python=str(python))
+    assert code == 0
+    assert out["problem"] == "missing"
+    if why is None:
+        assert out["wheel_refusal"] is None
+        assert out["recommended_wheel"]["published"] is True
+        return
+    assert why in out["wheel_refusal"]
+    assert out["recommended_wheel"]["published"] is False
+    for way_out in ("venv_tarball", "tabbyapi_flash_attn: source", "tabbyapi_flash_attn_url"):
+        assert way_out in out["wheel_refusal"]
+    assert out["wheel_refusal"] in out["message"]
+
+
+def test_source_build_follows_the_nodes_gpus_and_memory(tmp_path, capsys, monkeypatch):
+    python = make_env(tmp_path / "venv", flash_attn=None)
+    monkeypatch.setattr(flash_attn_check, "memory_available_mib", lambda: 30 * 1024)
+    monkeypatch.setattr(flash_attn_check.os, "cpu_count", lambda: 64)
+    _code, out = run_module(capsys, python=str(python), capabilities=["10.0", "10.0", "12.0"])
+    build = out["source_build"]
+    assert build["env"]["FLASH_ATTN_CUDA_ARCHS"] == "100;120"
+    assert build["arch_origin"] == "the GPUs' compute capability"
+    assert (build["env"]["MAX_JOBS"], build["env"]["NVCC_THREADS"]) == ("3", "4")  # 30 GiB // 9 GiB
+    assert build["memory_available_mib"] == 30 * 1024
+    _code, out = run_module(capsys, python=str(python), capabilities=["12.0"], max_jobs=2)
+    assert out["source_build"]["env"]["MAX_JOBS"] == "2"
+
+
+def test_deprecated_arch_list_maps_to_cuda_archs(tmp_path, capsys):
+    python = make_env(tmp_path / "venv", flash_attn=None)
+    _code, out = run_module(capsys, python=str(python), arch_list="12.0;9.0")
+    assert out["source_build"]["env"]["FLASH_ATTN_CUDA_ARCHS"] == "90;120"
+    assert out["source_build"]["arch_origin"] == "cuda_archs"
+    assert "tabbyapi_flash_attn_cuda_archs" in json.dumps(out.get("deprecations", []))
+
+
+def test_memory_available_reads_proc_meminfo():
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+    assert abs(flash_attn_check.memory_available_mib() - int(line.split()[1]) // 1024) < 2048
