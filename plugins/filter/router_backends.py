@@ -107,8 +107,12 @@ def _tabbyapi(hv: Mapping[str, Any], default_group: str, settings: Mapping[str, 
     models = []
     for entry in declared:
         model = _model(entry["id"], entry["served_name"], entry, own)
-        if "vram_mib" not in model and estimates.get(entry["id"]):
-            model["vram_mib"] = int(estimates[entry["id"]])
+        estimate = estimates.get(entry["id"])
+        # An int, or the tabbyapi_vram module's entry (only an estimate counts, not an echoed vram_mib).
+        if isinstance(estimate, Mapping):
+            estimate = estimate.get("estimate_mib") if estimate.get("source") == "estimate" else None
+        if "vram_mib" not in model and estimate:
+            model["vram_mib"] = int(estimate)
         model["load"] = dict(entry["load"])
         models.append(model)
     source = {

@@ -94,6 +94,19 @@ def _draft(where: str, draft: Any) -> Optional[Dict[str, Any]]:
     return config
 
 
+def _vram_request(model_id: str, name: str, settings: Dict[str, Any], draft: Optional[Dict[str, Any]],
+                  vram: Optional[int]) -> Dict[str, Any]:
+    """One entry of the tabbyapi_vram module's `models` (what the estimate reads; rope keys cost no VRAM)."""
+    request: Dict[str, Any] = {"id": model_id, "name": name}
+    request.update({k: v for k, v in settings.items() if k not in ("rope_scale", "rope_alpha")})
+    if vram is not None:
+        request["vram_mib"] = vram
+    if draft:
+        request["draft"] = {"name": draft["draft_model_name"]}
+        request["draft"].update({k: draft["draft_" + k] for k in ("cache_mode", "gpu_split") if "draft_" + k in draft})
+    return request
+
+
 def _entry(index: int, raw: Any, generation: str) -> Dict[str, Any]:
     where = "tabbyapi_models[%d]" % index
     if not isinstance(raw, Mapping):
@@ -118,7 +131,7 @@ def _entry(index: int, raw: Any, generation: str) -> Dict[str, Any]:
     return {
         "id": model_id, "name": name, "served_name": served, "aliases": [str(a) for a in aliases],
         "startup": bool(raw.get("startup")), "vram_mib": vram, "settings": settings, "draft": draft,
-        "load": payload, "dropped": dropped,
+        "load": payload, "dropped": dropped, "vram_request": _vram_request(model_id, name, settings, draft, vram),
     }
 
 

@@ -142,3 +142,27 @@ def test_crosses_to_llamacpp_and_back(host) -> None:
     # Leave the node on its start-up model.
     chat(host, g["startup"])
     assert card(host)["id"] == g["startup"]
+
+
+def vram(host, models: list, gpus: list) -> dict:
+    return host.ansible("llmstack.inference.tabbyapi_vram", " ".join([
+        "model_dir=/mnt/models", "generation=exl3",
+        f"models={json.dumps(models)}", f"gpus={json.dumps(gpus)}"]), check=False, become=False)
+
+
+def test_vram_estimate_refuses_a_70b_on_a_24gb_card_and_feeds_the_router(host) -> None:
+    if gen(host)["dir"] != "exl3":
+        return
+    big = [{"name": "exl3/Llama-3.1-70B/4.0bpw", "id": "llama-70b", "max_seq_len": 24576}]
+    fits = vram(host, big, [189471])
+    assert fits.get("failed") is not True, fits
+    need = fits["models"]["llama-70b"]["estimate_mib"]
+    assert 35000 < need < 60000, fits["models"]["llama-70b"]
+    refused = vram(host, big, [24564])
+    assert refused.get("failed") is True
+    assert "llama-70b does not fit" in refused["msg"]
+    assert "MiB" in refused["msg"], "the refusal gives the numbers"
+    # The router's pre-flight got the estimate of each TabbyAPI model that declares no vram_mib.
+    config = yaml.safe_load(host.file("/etc/llmstack/router/config.yml").content_string)
+    models = {m["id"]: m for m in config["backends"]["tabbyapi"]["models"]}
+    assert models["llama-a-exl3"]["vram_mib"] > 0

@@ -121,7 +121,10 @@ def test_selection_lists_every_model_and_the_keys_a_model_owns():
 
 def test_router_serves_every_model_with_its_load_and_record_file():
     backends = {b["name"]: b for b in router_backends(
-        dict(GB200, tabbyapi_vram_estimates={"llama-8b": 9000}), "gpu0", {})}
+        dict(GB200, tabbyapi_vram_estimates={
+            "llama-8b": {"source": "estimate", "estimate_mib": 9000},
+            "llama-70b": {"source": "vram_mib", "estimate_mib": 52000},
+            "Qwen3-32B-exl3": {"source": "estimate", "estimate_mib": None}}), "gpu0", {})}
     tabby = backends["tabbyapi"]
     models = {m["id"]: m for m in tabby["models"]}
     assert set(models) == {"llama-70b", "llama-8b", "Qwen3-32B-exl3"}
@@ -142,3 +145,11 @@ def test_gateway_lists_all_models_behind_a_router_and_only_the_startup_one_direc
     assert names == ["4.0bpw"], "TabbyAPI alone serves whichever model is loaded, under its card id"
     names = sorted(e["model_name"] for e in litellm_model_list({"n1": routed}, ["n1"]))
     assert names == ["Qwen3-32B-exl3", "llama-70b", "llama-8b"]
+
+
+def test_vram_request_is_what_the_estimate_reads():
+    models = by_id(tabbyapi_models(GB200))
+    assert models["llama-70b"]["vram_request"] == {
+        "id": "llama-70b", "name": "exl3/Llama-3.1-70B/4.0bpw", "max_seq_len": 24576, "cache_mode": "8,8",
+        "cache_size": 24576, "vram_mib": 52000}
+    assert models["llama-8b"]["vram_request"]["draft"] == {"name": "exl3/Llama-3.2-1B/4.0bpw"}
