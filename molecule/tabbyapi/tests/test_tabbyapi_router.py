@@ -15,6 +15,7 @@ import os
 import shlex
 import time
 
+import pytest
 import testinfra.utils.ansible_runner
 import yaml
 
@@ -152,7 +153,7 @@ def vram(host, models: list, gpus: list) -> dict:
 
 def test_vram_estimate_refuses_a_70b_on_a_24gb_card_and_feeds_the_router(host) -> None:
     if gen(host)["dir"] != "exl3":
-        return
+        pytest.skip("the GB200-shaped VRAM check runs on tabby-git (tabbyapi_vram_gpus)")
     big = [{"name": "exl3/Llama-3.1-70B/4.0bpw", "id": "llama-70b", "max_seq_len": 24576}]
     fits = vram(host, big, [189471])
     assert fits.get("failed") is not True, fits
