@@ -79,8 +79,10 @@ options:
   draft_model_name:
     description:
       - Draft model folder relative to C(draft_model_dir). When omitted, any draft model (or none) is accepted.
-      - The exllamav3 model card does not report the draft model, so with exllamav3 a loaded model
-        is not reloaded for another draft model; use O(force).
+      - The exllamav3 model card does not report the draft model; with exllamav3 the module reads the
+        loaded draft from C(GET /v1/model/draft/list) with the C(api_key) of O(api_tokens_file) (the
+        admin key gets every draft folder instead). Without it, a loaded model is not reloaded for
+        another draft model; use O(force).
     type: str
   draft_params:
     description:
@@ -207,11 +209,13 @@ from ansible_collections.llmstack.inference.plugins.module_utils._http import (
     iter_sse,
 )
 from ansible_collections.llmstack.inference.plugins.module_utils._tabbyapi import (
+    TokenFileError,
     card_differences,
     detect_backend,
     key_from_params,
     load_backend,
     load_request,
+    read_api_token,
     same_basename,
 )
 
@@ -387,6 +391,35 @@ def load_settings(module: AnsibleModule, model_dir: Optional[str]) -> tuple:
     return payload, dropped, backend
 
 
+def draft_list(module: AnsibleModule, api: TabbyAdmin) -> Optional[list]:
+    """Basenames of the loaded draft model from GET /v1/model/draft/list, or None when unknowable.
+
+    Asked with the API key: with the admin key (or auth disabled) TabbyAPI lists every draft
+    folder instead of the loaded one (endpoints/core/router.py list_draft_models, common/auth.py
+    get_key_permission, the same at both commits). Needs api_key from api_tokens_file.
+    """
+    path = module.params["api_tokens_file"]
+    if not path:
+        return None
+    try:
+        key = read_api_token(path, "api_key", "api_tokens_file")
+    except TokenFileError:
+        return None
+    module.no_log_values.add(key)
+    answers = []
+    for client in (client_from_params(module.params, {"x-api-key": key}), api.client):
+        try:
+            result = client.call("GET", "/v1/model/draft/list", None, REQUEST_TIMEOUT)
+            data = result.json() if result.status == 200 else None
+        except (TransportError, ValueError):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            return None
+        answers.append(sorted(str((card or {}).get("id")) for card in data["data"] if isinstance(card, dict)))
+    # The same non-empty answer for both keys means the API key got the full listing (auth disabled).
+    return None if answers[0] and answers[0] == answers[1] else answers[0]
+
+
 def unload(api: TabbyAdmin) -> None:
     unloaded = api.call("POST", "/v1/model/unload")
     if unloaded.status not in (200, 503):
@@ -403,10 +436,14 @@ def run_loaded(module: AnsibleModule, api: TabbyAdmin, card: Optional[Dict[str, 
     name, draft = folder_id(params["model_name"]), folder_id(params["draft_model_name"])
     wanted = {"model": name, "draft_model": draft, "parameters": {}}
     if draft and backend == "exllamav3" and not differences and not params["force"]:
-        module.warn(
-            "TabbyAPI's exllamav3 model card does not report the draft model, so draft %s is not checked: "
-            "set force to reload with it" % draft
-        )
+        loaded = draft_list(module, api)
+        if loaded is None:
+            module.warn(
+                "TabbyAPI's exllamav3 model card does not report the draft model, so draft %s is not checked: "
+                "give api_tokens_file (its api_key reads the loaded draft), or set force to reload with it" % draft
+            )
+        elif loaded != [draft]:
+            differences.append("draft_model")
     doubt = "" if differences else unproven_identity(module, model_dir)
     if not (differences or doubt or params["force"]):
         return describe(card)

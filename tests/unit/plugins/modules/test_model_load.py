@@ -27,6 +27,7 @@ from ansible_collections.llmstack.inference.plugins.modules import model_load
 from ansible_collections.llmstack.inference.tests.unit.plugins.json_http import JsonHandler
 
 ADMIN = "a" * 32
+API = "b" * 32
 MODEL_MAX_SEQ_LEN = 4096  # what every fake model's config.json says
 
 
@@ -100,10 +101,14 @@ class FakeTabby:
 
 def make_handler(fake):
     class Handler(JsonHandler):
+        def permission(self):
+            # common/auth.py get_key_permission: x-admin-key, else x-api-key, else the bearer token.
+            key = self.headers.get("x-admin-key") or self.headers.get("x-api-key")
+            key = key or (self.headers.get("authorization") or "").partition(" ")[2]
+            return {ADMIN: "admin", API: "api"}.get(key)
+
         def authorized(self, admin):
-            key = self.headers.get("x-admin-key") if admin else self.headers.get("x-api-key")
-            bearer = (self.headers.get("authorization") or "").partition(" ")[2]
-            return ADMIN in (key, bearer)
+            return self.permission() == "admin" if admin else self.permission() is not None
 
         def do_GET(self):
             fake.calls.append(("GET", self.path, None))
@@ -113,6 +118,13 @@ def make_handler(fake):
                 if fake.model is None:
                     return self.reply(503, {"detail": "No models are currently loaded."})
                 return self.reply(200, fake.card())
+            if self.path == "/v1/model/draft/list":
+                # endpoints/core/router.py list_draft_models: admin sees every draft folder, api the loaded one.
+                if self.permission() == "admin":
+                    names = sorted(set(fake.models) - {fake.model[0] if fake.model else None})
+                else:
+                    names = [fake.model[1].rsplit("/", 1)[-1]] if fake.model and fake.model[1] else []
+                return self.reply(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
             return self.reply(404, {"detail": "Not Found"})
 
         def do_POST(self):
@@ -525,6 +537,23 @@ def test_model_dir_from_config_file(tabby_for, capsys, tmp_path):
     assert code == 0
     assert out["changed"] is False
     assert warned(out, "y/4.0bpw")
+
+
+@pytest.mark.parametrize(("loaded_draft", "changed"), [("Draft", False), ("Other", True), (None, True)])
+def test_exllamav3_draft_read_with_the_api_key(tabby, capsys, tmp_path, loaded_draft, changed):
+    tokens = tmp_path / "api_tokens.yml"
+    tokens.write_text("admin_key: %s\napi_key: %s\n" % (ADMIN, API))
+    tabby.models["Other"] = 2
+    tabby.model = ("Big", loaded_draft, {})
+    args = dict(url=tabby.url, api_tokens_file=str(tokens), model_name="Big", draft_model_name="Draft")
+    code, out = run_module(capsys, **args)
+    assert code == 0, out
+    assert out["changed"] is changed
+    assert out["differences"] == (["draft_model"] if changed else [])
+    assert tabby.model[1] == "Draft"
+    assert API not in json.dumps(out)
+    code, out = run_module(capsys, **args)
+    assert out["changed"] is False
 
 
 def test_exllamav3_draft_is_not_checkable(tabby, capsys):
