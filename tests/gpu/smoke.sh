@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test for a lent CUDA machine (never run in CI): runs the gpu_facts and
+# GPU smoke test for a lent CUDA machine (never run in CI): runs the gpu_facts, tabbyapi_vram (tests/gpu/vram.yml) and
 # flash_attn_check modules through ansible (localhost, local connection) against the machine's
 # real nvidia-smi and torch, with a real flash-attn kernel run, and prints the recommended wheel.
 # For the machine's torch it then checks flash-attn `auto`: the recommendation and the refusal
@@ -110,6 +110,13 @@ run_smoke() {
 log "nvidia-smi: $(command -v nvidia-smi || echo 'not found')"
 log "checking $python"
 run_smoke
+
+# The EXL2/EXL3 VRAM estimate against the device's real nvidia-smi (tests/gpu/vram.yml).
+log "VRAM estimate against the real GPUs"
+ANSIBLE_COLLECTIONS_PATH="$collections" ANSIBLE_CONFIG="$repo_root/ansible.cfg" ANSIBLE_STDOUT_CALLBACK=default \
+  "$ansible_bin/ansible-playbook" -i localhost, -c local \
+  -e "ansible_python_interpreter=$ansible_bin/python" -e "vram_out_dir=$out_dir" \
+  "$repo_root/tests/gpu/vram.yml"
 
 if [[ "$install_flash_attn" == 1 ]]; then
   case "$python" in
