@@ -6,6 +6,7 @@ each behaviour it fakes names the TabbyAPI source file it follows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -16,7 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from llmstack_router.config import BackendSpec, ConfigError, parse_config
-from llmstack_router.engine_tabbyapi import read_state_file, write_state_file
+from llmstack_router.engine_base import EngineError
+from llmstack_router.engine_tabbyapi import TabbyApiEngine, read_state_file, write_state_file
 from router_fake_upstream import FakeTabbyApi
 from router_helpers import ADMIN, AUTH, router_config, start_fake, start_router
 
@@ -261,8 +263,6 @@ async def test_a_state_file_that_cannot_be_written_is_reported_not_fatal(tabby: 
 
 
 async def test_adopting_a_running_model_arms_the_idle_ttl(tabby: tuple[FakeTabbyApi, int], tmp_path: Path) -> None:
-    import asyncio
-
     fake, port = tabby
     fake.loaded, fake.model = "exl3/C/5.0bpw", "5.0bpw"
     config = router_config({"tabby": tabby_backend(port, tmp_path / "tabby.json")}, group={"idle_ttl_s": 0.2})
@@ -296,3 +296,41 @@ async def test_admin_load_full_queue_says_the_lanes_retry_after(tabby: tuple[Fak
         first.close()
     finally:
         await router.close()
+
+
+@pytest.mark.parametrize("tabby", [{"generation": "exl3"}, {"generation": "exl2"}], indirect=True,
+                         ids=["exl3", "exl2"])
+async def test_start_path_writes_the_target_before_the_start_and_rolls_back_a_failed_start(
+        tabby: tuple[FakeTabbyApi, int], tmp_path: Path) -> None:
+    fake, port = tabby
+    state = tmp_path / "tabby.json"
+    write_state_file(str(state), {"id": "b", "model_name": "exl3/B/4.0bpw"})
+    spec = parse_config(router_config({"tabby": tabby_backend(port, state)})).backends["tabby"]
+    a, _b, c = spec.models
+
+    async def wait(check: Any, what: str) -> None:
+        for _ in range(100):
+            if await check():
+                return
+            await asyncio.sleep(0.01)
+        raise TimeoutError(what)
+
+    async with aiohttp.ClientSession() as session:
+        engine = TabbyApiEngine(spec, session)
+        assert engine.known_active == "b"  # from the state file
+        engine.prepare_start(a)  # before (re)starting TabbyAPI: the ExecStartPre will read this
+        assert json.loads(state.read_text()) == {"id": "a", "model_name": "exl3/A/4.0bpw"}
+        # The process came up with exl3/A/4.0bpw (card 4.0bpw, shared with b): a new process is known
+        # by its card only, so the router loads: main answers processing + finished for the same path,
+        # exl2 an empty stream, after which the router unloads and loads again.
+        await engine.load(a, wait)
+        assert fake.loaded == "exl3/A/4.0bpw"
+        assert fake.real_loads == (1 if fake.generation == "exl2" else 0)
+        assert engine.known_active == "a"
+        fake.fail_load = ("exl3/C/5.0bpw",)
+        engine.prepare_start(c)
+        assert json.loads(state.read_text())["id"] == "c"
+        with pytest.raises(EngineError, match="CUDA out of memory"):
+            await engine.load(c, wait)
+        assert json.loads(state.read_text()) == {"id": "a", "model_name": "exl3/A/4.0bpw"}  # what worked
+        assert engine.known_active is None  # TabbyAPI unloaded a before it failed on c
