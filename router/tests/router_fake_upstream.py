@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import PurePosixPath
 from typing import Any
 
 from aiohttp import web
@@ -22,14 +23,13 @@ from aiohttp import web
 
 class FakeUpstream:
     def __init__(self, model: str = "fake", engine: str = "llamacpp", chunks: int = 5, chunk_delay_s: float = 0.0,
-                 never_ready: bool = False, api_key: str | None = None, models: list[str] | None = None) -> None:
+                 never_ready: bool = False, api_key: str | None = None) -> None:
         self.model = model
         self.engine = engine
         self.chunks = chunks
         self.chunk_delay_s = chunk_delay_s
         self.never_ready = never_ready
         self.api_key = api_key
-        self.available = models or [model]
         self.requests = 0
         self.disconnects = 0
         self.completed_streams = 0
@@ -42,6 +42,7 @@ class FakeUpstream:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/model", self.current_model)
         app.router.add_post("/v1/model/load", self.load)
+        app.router.add_post("/v1/model/unload", self.unload)
         app.router.add_get("/_stats", self.stats)
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             app.router.add_post(path, self.complete)
@@ -58,27 +59,13 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
 
     async def current_model(self, request: web.Request) -> web.Response:
-        if self.engine != "tabbyapi":
-            return web.json_response({"detail": "Not Found"}, status=404)
-        return web.json_response({"id": self.model, "object": "model"})
+        return web.json_response({"detail": "Not Found"}, status=404)
 
     async def load(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        name = body.get("model_name")
-        if request.headers.get("x-admin-key") != self.api_key:
-            return web.json_response({"detail": "admin key"}, status=401)
-        if name not in self.available:
-            return web.json_response({"detail": f"no model {name}"}, status=400)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for module in range(1, 4):
-            await asyncio.sleep(0.01)
-            event = {"model_type": "model", "module": module, "modules": 3, "status": "processing"}
-            await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        self.model = name
-        await response.write(b'data: {"model_type": "model", "status": "finished"}\n\n')
-        await response.write_eof()
-        return response
+        return web.json_response({"detail": "Not Found"}, status=404)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        return web.json_response({"detail": "Not Found"}, status=404)
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "disconnects": self.disconnects,
@@ -118,6 +105,107 @@ class FakeUpstream:
             self.disconnects += 1
             raise
         return response
+
+
+class FakeTabbyApi(FakeUpstream):
+    """TabbyAPI's model API, as strict as the real one at the pinned commits (exl2: 79126f9, exl3: e632af4).
+
+    ``folders``: the model folders under model_dir (nested paths); ``loaded``: the folder loaded at start.
+    Each behaviour names the real file it follows.
+    """
+
+    def __init__(self, folders: list[str], loaded: str | None, admin_key: str, generation: str = "exl3",
+                 fail_load: tuple[str, ...] = ()) -> None:
+        super().__init__(PurePosixPath(loaded).name if loaded else "none", engine="tabbyapi", api_key=admin_key)
+        assert generation in ("exl2", "exl3")
+        self.folders, self.loaded, self.generation, self.fail_load = folders, loaded, generation, fail_load
+        self.load_bodies: list[dict[str, Any]] = []
+        self.unloads = 0
+        self.real_loads = 0
+        self.module_delay_s = 0.005  # per loaded module: a load takes time
+
+    def _admin_refusal(self, request: web.Request) -> web.Response | None:
+        # common/auth.py check_admin_key: x-admin-key first, else "Authorization: Bearer <key>"; 401 otherwise.
+        key = request.headers.get("x-admin-key")
+        bearer = request.headers.get("Authorization", "")
+        if key is None and bearer.lower().startswith("bearer "):
+            key = bearer.split(" ", 1)[1]
+        if key is None:
+            return web.json_response({"detail": "Please provide an admin key"}, status=401)
+        if key != self.api_key:
+            return web.json_response({"detail": "Invalid admin key"}, status=401)
+        return None
+
+    def _no_model(self) -> web.Response:
+        # common/model.py check_model_container: 503 while no model is loaded.
+        return web.json_response({"detail": "No models are currently loaded."}, status=503)
+
+    async def current_model(self, request: web.Request) -> web.Response:
+        if self.loaded is None:
+            return self._no_model()
+        # backends/*/model.py model_info: the card id is the folder's basename (model_dir.name).
+        return web.json_response({"id": PurePosixPath(self.loaded).name, "object": "model",
+                                  "owned_by": "tabbyAPI", "parameters": {}})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        refusal = self._admin_refusal(request) or (self._no_model() if self.loaded is None else None)
+        if refusal is not None:
+            return refusal
+        self.loaded, self.model, self.unloads = None, "none", self.unloads + 1
+        return web.Response(status=200)
+
+    async def load(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        body = await request.json()
+        self.load_bodies.append(body)
+        name = body.get("model_name") if isinstance(body, dict) else None
+        if not isinstance(name, str):
+            # endpoints/core/types/model.py ModelLoadRequest: model_name is required (FastAPI answers 422).
+            return web.json_response({"detail": [{"loc": ["body", "model_name"], "msg": "Field required"}]},
+                                     status=422)
+        if name not in self.folders:
+            # endpoints/core/router.py load_model: model_dir / model_name must exist, else 400 before any stream.
+            return web.json_response({"detail": "Could not find the model path for load. Check model name or "
+                                                "config.yml?"}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if self.generation == "exl3":
+            await response.write(b": ping - 2026-01-01 00:00:00\r\n\r\n")  # sse_starlette pings (main only)
+        # common/model.py load_model_gen: exl2 compares basenames only and returns without an event;
+        # main compares resolved full paths and yields (1, 1, "model") -> processing + finished.
+        if self.loaded is not None and self.generation == "exl2" and PurePosixPath(self.loaded).name == \
+                PurePosixPath(name).name:
+            await response.write_eof()
+            return response
+        if self.loaded == name:
+            for status in ("processing", "finished"):
+                await self._event(response, {"model_type": "model", "module": 1, "modules": 1, "status": status})
+            await response.write_eof()
+            return response
+        # common/model.py load_model_gen: the loaded model is unloaded before the new one loads.
+        self.loaded, self.model = None, "none"
+        if name in self.fail_load:
+            # endpoints/core/utils/model.py stream_model_load: an exception becomes one SSE event
+            # with the error body (common/networking.py get_generator_error), then the stream ends.
+            await self._event(response, {"error": {"message": f"CUDA out of memory loading {name}", "trace": None}})
+            await response.write_eof()
+            return response
+        types = ["draft", "model"] if isinstance(body.get("draft_model"), dict) else ["model"]
+        for model_type in types:
+            for module in range(1, 4):
+                await asyncio.sleep(self.module_delay_s)
+                await self._event(response, {"model_type": model_type, "module": module, "modules": 3,
+                                             "status": "processing"})
+            await self._event(response, {"model_type": model_type, "module": 3, "modules": 3, "status": "finished"})
+        self.loaded, self.model, self.real_loads = name, PurePosixPath(name).name, self.real_loads + 1
+        await response.write_eof()
+        return response
+
+    async def _event(self, response: web.StreamResponse, event: dict[str, Any]) -> None:
+        # sse_starlette frames each event as "data: <json>\r\n\r\n".
+        await response.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import yaml
 from llmstack_router.config import ConfigError, load_config, parse_config
-from llmstack_router.engines import persist_tabby_model
 from llmstack_router.vram import VramProbeError, parse_nvidia_smi
 from router_helpers import API_KEY
 
@@ -57,7 +56,9 @@ _DELETE = object()
     ("backends.smol.models.0.colour", "red", "backends.smol.models[0].colour", "unknown key"),
     ("backends.smol.ready_timeout_s", -1, "backends.smol.ready_timeout_s", ">= 0.1"),
     ("backends.smol.co_reside", "yes", "backends.smol.co_reside", "true or false"),
-    ("backends.smol.tabby_config", "/x.yml", "backends.smol.tabby_config", "only a tabbyapi"),
+    ("backends.smol.tabby_config", "/x.yml", "backends.smol.tabby_config", "state_file"),
+    ("backends.smol.state_file", "/x.json", "backends.smol.state_file", "only a tabbyapi"),
+    ("backends.smol.models.0.load", {"model_name": "x"}, "backends.smol.models[0].load", "only the models of"),
     ("groups.gpu0.queue_size", 0, "groups.gpu0.queue_size", ">= 1"),
     ("groups.gpu0.gpus", ["0"], "groups.gpu0.gpus", "GPU indexes"),
     ("auth.api_keys", [], "auth.api_keys_file", "no API key"),
@@ -132,24 +133,6 @@ def test_readme_example_is_a_valid_config(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2
     assert "groups.gpu0.queue_size: must be an integer" in bad.stderr
-
-
-def test_tabby_config_edit_is_atomic_keeps_comments_and_a_backup(tmp_path: Path) -> None:
-    path = tmp_path / "config.yml"
-    path.write_text("network:\n  host: 127.0.0.1\nmodel:\n  # pick one\n  model_name: old\n  cache_mode: Q4\n")
-    path.chmod(0o640)
-    assert persist_tabby_model(str(path), 'new "quoted" model') is True
-    text = path.read_text()
-    assert yaml.safe_load(text)["model"] == {"model_name": 'new "quoted" model', "cache_mode": "Q4"}
-    assert "# pick one" in text
-    assert (tmp_path / "config.yml.bak").read_text().endswith("model_name: old\n  cache_mode: Q4\n")
-    assert oct(path.stat().st_mode & 0o777) == oct(0o640)
-    assert persist_tabby_model(str(path), 'new "quoted" model') is False  # unchanged: no rewrite
-    fresh = tmp_path / "fresh.yml"
-    fresh.write_text("network:\n  port: 5000\n")
-    persist_tabby_model(str(fresh), "m")
-    assert yaml.safe_load(fresh.read_text())["model"]["model_name"] == "m"
-    assert not list(tmp_path.glob(".*.yml.*")), "temp file left behind"
 
 
 @pytest.mark.parametrize(("text", "gpus", "expected"), [

@@ -245,35 +245,6 @@ async def test_vram_not_coming_back_after_stop_is_reported() -> None:
         await router.close()
 
 
-async def test_tabbyapi_in_place_switch_persists_model_name(tmp_path: Path) -> None:
-    port = free_port()
-    tabby_config = tmp_path / "config.yml"
-    tabby_config.write_text("# operator's comment\nnetwork:\n  port: 5000\nmodel:\n  # which model\n"
-                            "  model_name: first\n  max_seq_len: 4096\n")
-    admin_key = "tabby-admin-key-0123456789"
-    from router_fake_upstream import FakeUpstream
-    from router_helpers import start_fake
-    tabby = FakeUpstream("first", engine="tabbyapi", api_key=admin_key, models=["first", "second"])
-    runner, port = await start_fake(tabby)
-    router = await start_router(router_config({"tabby": {
-        "engine": "tabbyapi", "group": "gpu0", "url": f"http://127.0.0.1:{port}", "admin_keys": [admin_key],
-        "tabby_config": str(tabby_config), "models": [{"id": "first"}, {"id": "second"}]}}))
-    try:
-        async with aiohttp.ClientSession(headers=AUTH) as client:
-            assert (await chat(client, router.url, "first"))[0] == 200  # adopted: already loaded
-            status, body = await chat(client, router.url, "second")
-            assert status == 200, body
-            assert body["choices"][0]["message"]["content"] == "hello from second"
-        text = tabby_config.read_text()
-        assert '  model_name: "second"' in text
-        assert "# operator's comment" in text
-        assert "max_seq_len: 4096" in text
-        assert (tmp_path / "config.yml.bak").read_text().count("model_name: first") == 1
-    finally:
-        await router.close()
-        await runner.cleanup()
-
-
 async def test_two_hundred_alternating_requests_no_failure_bounded_swaps() -> None:
     port_a, port_b = free_port(), free_port()
     router = await start_router(router_config({

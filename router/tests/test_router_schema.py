@@ -37,11 +37,13 @@ FULL: dict[str, Any] = {
                         "vram_release_timeout_s": 5.0, "vram_release_slack_mib": 256}},
     "backends": {
         "tabby": {"engine": "tabbyapi", "group": "gpu0", "url": "http://127.0.0.1:5000", "unit": "tabbyapi.service",
-                  "models": [{"id": "big", "served_name": "Big-exl2", "aliases": ["b"], "vram_mib": 60000},
+                  "models": [{"id": "big", "served_name": "4.0bpw", "aliases": ["b"], "vram_mib": 60000,
+                              "load": {"model_name": "exl3/Big/4.0bpw", "max_seq_len": 4096,
+                                       "draft_model": {"draft_model_name": "exl3/Small/4.0bpw"}}},
                              {"id": "small"}],
                   "co_reside": False, "ready_timeout_s": 10.0, "stop_timeout_s": 5.0, "request_timeout_s": 60.0,
                   "api_keys": ["tabby-api-key-0123456789"], "admin_keys": ["tabby-admin-key-0123456789"],
-                  "tabby_config": "/tmp/tabby-config.yml"},
+                  "state_file": "/tmp/router-state/tabby.json"},
         "llama": {"engine": "llamacpp", "group": "gpu0", "url": "http://127.0.0.1:8081",
                   "command": ["llama-server", "--port", 8081], "cwd": "/tmp", "env": {"A": "1"},
                   "models": [{"id": "smol"}]},
@@ -149,7 +151,8 @@ def test_engines_and_name_patterns_are_config_pys() -> None:
     assert one_model["if"]["properties"]["engine"]["enum"] == [
         kind for kind, engine in cfg.ENGINES.items() if not engine.serves_many_models]
     assert tabby_only["if"]["properties"]["engine"]["not"]["enum"] == [
-        kind for kind, engine in cfg.ENGINES.items() if "tabby_config" in engine.config_keys]
+        kind for kind, engine in cfg.ENGINES.items() if "state_file" in engine.config_keys]
+    assert [kind for kind, engine in cfg.ENGINES.items() if "load" in engine.model_keys] == ["tabbyapi"]
 
 
 @pytest.mark.parametrize(("node", "key", "prop"), leaves(), ids=[f"{n or 'top'}.{k}" for n, k, _p in leaves()])
@@ -195,8 +198,8 @@ def test_every_dataclass_default_is_in_the_schema() -> None:
     for node, spec in (("group", cfg.GroupSpec), ("backend", cfg.BackendSpec), ("auth", cfg.AuthSpec),
                        ("", cfg.RouterConfig), ("model", cfg.ModelSpec)):
         for f in dataclasses.fields(spec):
-            if f.default is dataclasses.MISSING or f.name in ("api_key", "admin_key", "tabby_config", "control"):
-                continue  # secrets and tabby_config default to none; ("control": unit/command)
+            if f.default is dataclasses.MISSING or f.name in ("api_key", "admin_key", "state_file", "load", "control"):
+                continue  # secrets default to none; state_file and load: per engine (own tests); control: unit/command
             where = "listen" if f.name in ("host", "port") else node
             assert (where, f.name) in documented, f"{spec.__name__}.{f.name} has a default the schema lacks"
 
@@ -210,7 +213,7 @@ def test_types_agree_including_null(node: str, key: str, prop: dict[str, Any]) -
     wrong = WRONG[types[0]]
     base = FULL if node != "model" else MINIMAL
     where = {"": "", "listen": "listen", "auth": "auth", "group": "groups.gpu0", "model": "backends.llama.models.0",
-             "backend": "backends.tabby" if key in ("unit", "tabby_config", "api_keys", "admin_keys")
+             "backend": "backends.tabby" if key in ("unit", "state_file", "api_keys", "admin_keys")
              else "backends.llama"}[node]
     for value, expect in ((wrong, False), (None, "null" in types)):
         config = copy.deepcopy(base)
@@ -263,8 +266,18 @@ EXAMPLES = [
     ("model id hf style", _with("backends.llama.models.0.id", "org/model-7b:q4"), True),
     ("alias bad", _with("backends.llama.models.0.aliases", ["../x"]), False),
     ("vram_mib 0", _with("backends.llama.models.0.vram_mib", 0), False),
-    ("tabby_config on llamacpp", _with("backends.llama.tabby_config", "/x.yml"), False),
-    ("tabby_config null on llamacpp", _with("backends.llama.tabby_config", None), True),
+    ("state_file on llamacpp", _with("backends.llama.state_file", "/x.json"), False),
+    ("state_file null on llamacpp", _with("backends.llama.state_file", None), True),
+    ("state_file relative", _with("backends.tabby.state_file", "tabby.json", FULL), False),
+    ("tabby_config is gone", _with("backends.tabby.tabby_config", "/x.yml", FULL), False),
+    ("load on a llamacpp model", _with("backends.llama.models.0.load", {"model_name": "x"}), False),
+    ("load null on a llamacpp model", _with("backends.llama.models.0.load", None), True),
+    ("load without model_name", _with("backends.tabby.models.1.load", {"max_seq_len": 4096}, FULL), False),
+    ("load model_name empty", _with("backends.tabby.models.1.load", {"model_name": ""}, FULL), False),
+    ("load model_name absolute", _with("backends.tabby.models.1.load", {"model_name": "/models/x"}, FULL), False),
+    ("load model_name with ..", _with("backends.tabby.models.1.load", {"model_name": "a/../../x"}, FULL), False),
+    ("load model_name nested", _with("backends.tabby.models.1.load", {"model_name": "exl3/A/4.0bpw"}, FULL), True),
+    ("load a list", _with("backends.tabby.models.1.load", ["x"], FULL), False),
     ("port 0", _with("listen", {"port": 0}), False),
     ("port 65536", _with("listen", {"port": 65536}), False),
     ("port 65535", _with("listen", {"port": 65535}), True),

@@ -75,6 +75,11 @@ class Router:
                                      lambda: {(lane.name,): lane.snapshot().in_flight for lane in self.lanes}))
         self.metrics.add_gauge(Gauge("llmrouter_model_loaded", "1 if the model is up.", ("model",),
                                      lambda: {(m,): float(self.is_loaded(m)) for m in self.config.models}))
+        self.metrics.add_gauge(Gauge(
+            "llmrouter_state_file_ok", "0 if the backend's last state-file read or write failed (TabbyAPI).",
+            ("backend",), lambda: {(name,): float(status["state_error"] is None)
+                                   for lane in self.lanes for name, runtime in lane.backends.items()
+                                   if "state_error" in (status := runtime.engine.status())}))
 
     async def stop(self, _app: web.Application | None = None) -> None:
         await asyncio.gather(*(lane.shutdown() for lane in self.lanes), return_exceptions=True)
@@ -273,9 +278,11 @@ class Router:
             await asyncio.wait({ticket.future})
             ticket.result()
         except QueueFull as exc:
-            return openai_error(503, str(exc), "server_error", "queue_full", headers={"Retry-After": "5"})
+            # The lane's measure: its last swap's duration (scheduler.retry_after_s), as on /v1/*.
+            return openai_error(503, str(exc), "server_error", "queue_full",
+                                headers={"Retry-After": str(exc.retry_after_s)})
         except LoadFailed as exc:
-            return openai_error(503, str(exc), "server_error", "model_load_failed")
+            return openai_error(503, str(exc), "server_error", "model_load_failed", headers={"Retry-After": "1"})
         finally:
             ticket.close()
         return web.json_response({"loaded": model.id, "lane": lane.name})

@@ -6,12 +6,13 @@ so that an operator, or the Ansible role rendering the file, can fix it without 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
 
 import yaml
 
@@ -40,6 +41,9 @@ class ModelSpec:
     served_name: str
     aliases: tuple[str, ...] = ()
     vram_mib: int | None = None
+    # TabbyAPI only: the verbatim body of POST /v1/model/load (holds model_name, the folder under
+    # model_dir). On a tabbyapi backend config.py fills it with {"model_name": served_name} when absent.
+    load: dict[str, Any] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,12 @@ class BackendSpec:
     stop_timeout_s: float = 60.0
     api_key: str | None = None
     admin_key: str | None = None
-    tabby_config: str | None = None
     request_timeout_s: float = 600.0
+    # TabbyAPI only: where the router records the model it last loaded ({"id", "model_name"}), read at
+    # router start; the tabbyapi role's ExecStartPre applies it to TabbyAPI's config. config.py fills it
+    # with STATE_DIR/<backend name>.json on a tabbyapi backend when absent.
+    state_file: str | None = None
+    STATE_DIR: ClassVar[str] = "/var/lib/llmstack/router/active"
 
 
 @dataclass(frozen=True)
@@ -249,7 +257,30 @@ def _control(reader: _Reader, key: str) -> CommandControl | UnitControl | None:
     return None
 
 
-def _models(reader: _Reader, backend: str) -> tuple[ModelSpec, ...]:
+def _load_body(entry: _Reader, engine: str) -> dict[str, Any] | None:
+    """A model's ``load``: the body of TabbyAPI's POST /v1/model/load, kept verbatim."""
+    value = entry.get("load")
+    key = entry.sub("load")
+    if value is None:
+        return None
+    if "load" not in ENGINES[engine].model_keys:
+        raise ConfigError(key, "only the models of a tabbyapi backend have a load request")
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(key, "must be a mapping: the JSON body of TabbyAPI's POST /v1/model/load")
+    name = value.get("model_name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{key}.model_name", "is required: the model's folder under TabbyAPI's model_dir")
+    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+        raise ConfigError(f"{key}.model_name", f"{name!r} must be a folder relative to model_dir, without '..'")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, f"must hold JSON values only (strings, numbers, booleans, lists, mappings): {exc}")\
+            from exc
+    return value
+
+
+def _models(reader: _Reader, backend: str, engine: str) -> tuple[ModelSpec, ...]:
     raw = reader.require("models")
     if not isinstance(raw, list) or not raw:
         raise ConfigError(reader.sub("models"), "must be a non-empty list")
@@ -264,20 +295,50 @@ def _models(reader: _Reader, backend: str) -> tuple[ModelSpec, ...]:
         for alias_index, alias in enumerate(aliases):
             if not _NAME_RE.match(alias):
                 raise ConfigError(f"{entry.sub('aliases')}[{alias_index}]", f"{alias!r} must match {_NAME_RE.pattern}")
+        load = _load_body(entry, engine)
+        # TabbyAPI's card names the loaded folder's basename: that is the default served_name there.
+        served_default = PurePosixPath(load["model_name"]).name if load else model_id
+        served_name = entry.string("served_name", served_default) or served_default
+        if load is None and "load" in ENGINES[engine].model_keys:
+            load = {"model_name": served_name}
         models.append(ModelSpec(
             id=model_id,
             backend=backend,
-            served_name=entry.string("served_name", model_id) or model_id,
+            served_name=served_name,
             aliases=aliases,
             vram_mib=entry.integer("vram_mib", None, minimum=1),
+            load=load,
         ))
         entry.finish()
     return tuple(models)
 
 
+# Keys that once existed: the error names what replaced them.
+_REMOVED_BACKEND_KEYS = {
+    "tabby_config": "was removed: the router no longer writes TabbyAPI's config.yml (its sandbox cannot, and "
+                    "the file would end up owned by the router's user). The router records the active model in "
+                    f"state_file (default {BackendSpec.STATE_DIR}/<backend>.json) and the tabbyapi role's "
+                    "ExecStartPre applies it; delete tabby_config (and set state_file if needed)",
+}
+
+
+def _state_file(reader: _Reader, name: str, engine_class: type) -> str | None:
+    path = reader.string("state_file")
+    if path is not None and "state_file" not in engine_class.config_keys:
+        raise ConfigError(reader.sub("state_file"), "only a tabbyapi backend has a state file")
+    if path is not None and not os.path.isabs(path):
+        raise ConfigError(reader.sub("state_file"), f"must be an absolute path, got {path!r}")
+    if path is None and "state_file" in engine_class.config_keys:
+        path = f"{BackendSpec.STATE_DIR}/{name}.json"
+    return path
+
+
 def _backend(name: str, raw: Any, groups: dict[str, GroupSpec]) -> BackendSpec:
     key = f"backends.{name}"
     reader = _Reader(raw, key)
+    for removed, why in _REMOVED_BACKEND_KEYS.items():
+        if removed in reader.data:
+            raise ConfigError(reader.sub(removed), why)
     engine = reader.string("engine", required=True)
     if engine not in ENGINES:
         raise ConfigError(reader.sub("engine"), f"{engine!r} is not one of {', '.join(ENGINES)}")
@@ -288,13 +349,10 @@ def _backend(name: str, raw: Any, groups: dict[str, GroupSpec]) -> BackendSpec:
     assert url_text is not None
     assert engine is not None
     assert group is not None
-    models = _models(reader, name)
+    models = _models(reader, name, engine)
     engine_class = ENGINES[engine]
     if len(models) > 1 and not engine_class.serves_many_models:
         raise ConfigError(reader.sub("models"), f"a {engine} process serves one model; declare one backend per model")
-    tabby_config = reader.string("tabby_config")
-    if tabby_config and "tabby_config" not in engine_class.config_keys:
-        raise ConfigError(reader.sub("tabby_config"), "only a tabbyapi backend has a tabby config.yml")
     backend = BackendSpec(
         name=name,
         engine=engine,
@@ -308,7 +366,7 @@ def _backend(name: str, raw: Any, groups: dict[str, GroupSpec]) -> BackendSpec:
         request_timeout_s=reader.number("request_timeout_s", BackendSpec.request_timeout_s, minimum=1.0),
         api_key=_one_key(reader, "api_keys", "api_key_file"),
         admin_key=_one_key(reader, "admin_keys", "admin_key_file"),
-        tabby_config=tabby_config,
+        state_file=_state_file(reader, name, engine_class),
     )
     reader.finish()
     return backend

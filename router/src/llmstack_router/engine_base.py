@@ -31,7 +31,15 @@ WaitFor = Callable[[Check, str], Awaitable[None]]
 
 
 class EngineError(RuntimeError):
-    """The engine refused or failed an operation; the message is for the client."""
+    """The engine refused or failed an operation; the message is for the client.
+
+    ``previous_kept``: after a failed switch, whether the process still serves the model it had
+    (TabbyAPI unloads the old model before it loads the new one, so a load that fails midway leaves none).
+    """
+
+    def __init__(self, message: str, previous_kept: bool = True) -> None:
+        super().__init__(message)
+        self.previous_kept = previous_kept
 
 
 class Engine(Protocol):
@@ -40,6 +48,8 @@ class Engine(Protocol):
     serves_many_models: ClassVar[bool]
     # Backend keys only this engine accepts (config.py refuses them on other engines).
     config_keys: ClassVar[tuple[str, ...]]
+    # Model keys only this engine's models accept.
+    model_keys: ClassVar[tuple[str, ...]]
     spec: BackendSpec
 
     async def healthy(self) -> bool:
@@ -54,8 +64,11 @@ class Engine(Protocol):
     async def load(self, model: ModelSpec, wait: WaitFor) -> None:
         """After the process was started: return once ``model`` is loaded."""
 
-    async def switch(self, model: ModelSpec, wait: WaitFor) -> None:
-        """The process serves another of its models; make it serve ``model`` without a restart."""
+    async def switch(self, model: ModelSpec, previous: ModelSpec, wait: WaitFor) -> None:
+        """The process serves ``previous``, another of its models; make it serve ``model`` without a restart."""
+
+    def status(self) -> dict[str, Any]:
+        """Engine-specific state for /status (empty: nothing to tell)."""
 
 
 def upstream_headers(backend: BackendSpec) -> dict[str, str]:
@@ -70,6 +83,7 @@ class OpenAIEngine:
     kind: ClassVar[str] = "openai"
     serves_many_models: ClassVar[bool] = True
     config_keys: ClassVar[tuple[str, ...]] = ()
+    model_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: BackendSpec, session: aiohttp.ClientSession) -> None:
         self.spec = spec
@@ -117,9 +131,12 @@ class OpenAIEngine:
     async def load(self, model: ModelSpec, wait: WaitFor) -> None:
         await wait(lambda: self.is_loaded(model), "ready")
 
-    async def switch(self, model: ModelSpec, wait: WaitFor) -> None:
+    async def switch(self, model: ModelSpec, previous: ModelSpec, wait: WaitFor) -> None:
         # Lazy loaders (ollama, most OpenAI servers) load a model on its first request.
         await wait(lambda: self.is_loaded(model), "ready")
+
+    def status(self) -> dict[str, Any]:
+        return {}
 
 
 def lists_model(payload: Any, served_name: str) -> bool:

@@ -1,8 +1,8 @@
 """One class per inference engine, found by the config's ``engine`` string.
 
 The protocol and the generic OpenAI engine are in ``engine_base.py``, TabbyAPI (in-place
-switches, its config.yml) in ``engine_tabbyapi.py``. Adding an engine is one class here (or in a
-module of its own) and one entry in ``ENGINES``.
+switches, the router's state file of its active model) in ``engine_tabbyapi.py``. Adding an engine
+is one class here (or in a module of its own) and one entry in ``ENGINES``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from .engine_base import Engine, EngineError, OpenAIEngine, WaitFor, lists_model, upstream_headers
-from .engine_tabbyapi import TabbyApiEngine, persist_tabby_model
+from .engine_tabbyapi import TabbyApiEngine
 
 if TYPE_CHECKING:
     import aiohttp
 
     from .config import BackendSpec, ModelSpec
 
-__all__ = ["ENGINES", "Engine", "EngineError", "WaitFor", "make_engine", "persist_tabby_model", "upstream_headers"]
+__all__ = ["ENGINES", "Engine", "EngineError", "TabbyApiEngine", "WaitFor", "make_engine", "upstream_headers"]
 
 
 class LlamaCppEngine(OpenAIEngine):

@@ -191,7 +191,8 @@ class Lane:
         """After a router restart, keep a model that is already up instead of reloading it."""
         model_id = await self.swapper.survey()
         if model_id is not None and self.core.phase == Phase.IDLE:
-            self.core.adopt(model_id, self.now())
+            # Through apply: it arms the timer, so the idle TTL counts from the adoption.
+            self.apply(self.core.adopt(model_id, self.now()))
             log.info("adopted running model %s", model_id, extra={"lane": self.name})
 
     async def shutdown(self) -> None:
@@ -212,6 +213,8 @@ class Lane:
             "swaps": state.swaps,
             "last_error": state.last_error,
             "models": sorted(self.models),
+            "backends": {name: runtime.engine.status() for name, runtime in self.backends.items()
+                         if runtime.engine.status()},
             "last_swaps": [r.as_dict() for r in list(self.history)[-5:]],
         }
 

@@ -211,12 +211,13 @@ class GroupScheduler:
         self.epoch += 1
         return self._advance(now)
 
-    def adopt(self, model: str, now: float) -> None:
+    def adopt(self, model: str, now: float) -> list[Action]:
         """Start-up only: a backend was already serving ``model`` (router restart)."""
         if self.phase == Phase.IDLE:
             self.phase, self.active = Phase.READY, model
             self.loaded_at = now - self.min_residency_s
             self.last_used = now
+        return self._advance(now)
 
     def request_unload(self, now: float) -> list[Action]:
         if self.phase in (Phase.READY, Phase.DRAINING):

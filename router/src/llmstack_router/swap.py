@@ -149,9 +149,9 @@ class Swapper:
             # Same process: the engine switches in place (TabbyAPI) or loads lazily (ollama, openai).
             started = self.now()
             try:
-                await backend.engine.switch(target, self._waiter(backend, target, previous.id))
+                await backend.engine.switch(target, previous, self._waiter(backend, target, previous.id))
             except EngineError as exc:
-                raise SwapError(str(exc), previous.id) from exc
+                raise SwapError(str(exc), previous.id if exc.previous_kept else None) from exc
             record.start_to_ready_s = self.now() - started
             return target.id
         await self._preflight(target, previous)
