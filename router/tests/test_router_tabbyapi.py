@@ -68,7 +68,7 @@ def test_config_defaults_for_tabbyapi_load_served_name_and_state_file() -> None:
                "models": [{"id": "nested", "load": LOAD_A}, {"id": "plain"}, {"id": "named", "served_name": "Big"}]}
     config = parse_config(router_config({"tabby": backend}))
     spec = config.backends["tabby"]
-    assert spec.state_file == f"{BackendSpec.STATE_DIR}/tabby.json" == "/var/lib/llmstack/router/active/tabby.json"
+    assert spec.state_file == f"{BackendSpec.STATE_DIR}/tabby.json" == "/var/lib/llmstack/router-active/tabby.json"
     nested, plain, named = spec.models
     assert (nested.served_name, nested.load) == ("4.0bpw", LOAD_A)  # the card names the basename
     assert (plain.served_name, plain.load) == ("plain", {"model_name": "plain"})

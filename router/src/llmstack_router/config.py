@@ -76,7 +76,7 @@ class BackendSpec:
     # router start; the tabbyapi role's ExecStartPre applies it to TabbyAPI's config. config.py fills it
     # with STATE_DIR/<backend name>.json on a tabbyapi backend when absent.
     state_file: str | None = None
-    STATE_DIR: ClassVar[str] = "/var/lib/llmstack/router/active"
+    STATE_DIR: ClassVar[str] = "/var/lib/llmstack/router-active"
 
 
 @dataclass(frozen=True)
