@@ -177,8 +177,9 @@ async def test_a_router_restart_adopts_the_model_its_state_file_names(tabby: tup
         await router.close()
 
 
-async def test_a_unique_card_is_adopted_and_a_stale_state_file_ignored(tabby: tuple[FakeTabbyApi, int],
-                                                                        tmp_path: Path) -> None:
+async def test_a_unique_card_is_adopted_and_a_stale_state_file_ignored(
+    tabby: tuple[FakeTabbyApi, int], tmp_path: Path
+) -> None:
     fake, port = tabby
     fake.loaded, fake.model = "exl3/C/5.0bpw", "5.0bpw"
     state = tmp_path / "tabby.json"
@@ -270,7 +271,7 @@ async def test_adopting_a_running_model_arms_the_idle_ttl(tabby: tuple[FakeTabby
     lane = router.router.lane_of["c"]
     try:
         assert lane.snapshot().loaded == "c"
-        for _ in range(100):
+        for _attempt in range(100):
             if lane.snapshot().phase.value == "idle":
                 break
             await asyncio.sleep(0.02)
@@ -279,8 +280,9 @@ async def test_adopting_a_running_model_arms_the_idle_ttl(tabby: tuple[FakeTabby
         await router.close()
 
 
-async def test_admin_load_full_queue_says_the_lanes_retry_after(tabby: tuple[FakeTabbyApi, int],
-                                                               tmp_path: Path) -> None:
+async def test_admin_load_full_queue_says_the_lanes_retry_after(
+    tabby: tuple[FakeTabbyApi, int], tmp_path: Path
+) -> None:
     fake, port = tabby
     config = router_config({"tabby": tabby_backend(port, tmp_path / "tabby.json")}, group={"queue_size": 1})
     router = await start_router(config)
@@ -309,7 +311,7 @@ async def test_start_path_writes_the_target_before_the_start_and_rolls_back_a_fa
     a, _b, c = spec.models
 
     async def wait(check: Any, what: str) -> None:
-        for _ in range(100):
+        for _attempt in range(100):
             if await check():
                 return
             await asyncio.sleep(0.01)

@@ -43,7 +43,7 @@ def effective_config(base, models, choice):
     config = dict(base or {})
     if choice is None:
         return config
-    _, entry = choice
+    entry = choice[1]
     for section, keys in (("model", "model_keys"), ("draft_model", "draft_keys")):
         merged = {k: v for k, v in dict(config.get(section) or {}).items() if k not in models.get(keys, [])}
         merged.update(entry.get(section) or {})
