@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
+from typing import Callable
 
 QUERY_FIELDS = (
     "index",
@@ -188,6 +189,30 @@ def parse_query_gpu(text: str, fields: tuple[str, ...] = QUERY_FIELDS) -> list[d
             }
         )
     return gpus
+
+
+def query_gpus(run: Callable[..., tuple[int, str, str]]) -> tuple[list[dict], str | None]:
+    """The GPUs from ``--query-gpu``, retried without compute_cap for drivers that lack it.
+
+    ``run(*args)`` runs nvidia-smi with ``args`` and returns (rc, stdout, stderr); the caller owns the
+    binary, the timeout and the environment. Returns (gpus, None) or ([], why not), shared by the
+    gpu_facts and tabbyapi_vram modules.
+    """
+    for fields in (QUERY_FIELDS, LEGACY_QUERY_FIELDS):
+        rc, out, err = run("--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits")
+        if fields is QUERY_FIELDS and is_invalid_field_error(out, err):
+            continue
+        reason = failure_reason(rc, out, err)
+        if reason:
+            return [], reason
+        try:
+            gpus = parse_query_gpu(out, fields)
+        except NvidiaSmiError as exc:
+            return [], str(exc)
+        if not gpus:
+            return [], "nvidia-smi listed no GPUs"
+        return gpus, None
+    return [], "nvidia-smi rejected the GPU query even without compute_cap: the driver is too old"
 
 
 def parse_cuda_version(text: str) -> str | None:

@@ -235,21 +235,7 @@ class GpuFacts:
         return found, None
 
     def query_gpus(self, binary: str) -> tuple[list[dict], str | None]:
-        for fields in (smi.QUERY_FIELDS, smi.LEGACY_QUERY_FIELDS):
-            rc, out, err = self.run(binary, "--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits")
-            if fields is smi.QUERY_FIELDS and smi.is_invalid_field_error(out, err):
-                continue
-            reason = smi.failure_reason(rc, out, err)
-            if reason:
-                return [], reason
-            try:
-                gpus = smi.parse_query_gpu(out, fields)
-            except smi.NvidiaSmiError as exc:
-                return [], str(exc)
-            if not gpus:
-                return [], "nvidia-smi listed no GPUs"
-            return gpus, None
-        return [], "nvidia-smi rejected the GPU query even without compute_cap: the driver is too old"
+        return smi.query_gpus(lambda *args: self.run(binary, *args))
 
     def versions(self, binary: str, gpus: list[dict]) -> tuple[str | None, str | None]:
         # `-q -d COMPUTE` keeps the output short; its header carries both versions.

@@ -244,23 +244,15 @@ def query_gpus(module: AnsibleModule) -> list[dict]:
     if timeout_bin and module.params["timeout"] > 0:
         # KILL after a grace, because a process stuck in the driver may ignore TERM (as gpu_facts does).
         prefix = [timeout_bin, "--kill-after=5", str(module.params["timeout"])]
-    for fields in (smi.QUERY_FIELDS, smi.LEGACY_QUERY_FIELDS):
-        rc, out, err = module.run_command(
-            [*prefix, binary, "--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits"],
-            environ_update={"LC_ALL": "C"},
-        )
-        if fields is smi.QUERY_FIELDS and smi.is_invalid_field_error(out or "", err or ""):
-            continue
-        reason = smi.failure_reason(rc, out or "", err or "")
-        if reason:
-            module.fail_json(msg="%s; give gpus (total MiB per GPU) to estimate without nvidia-smi" % reason)
-        try:
-            found = smi.parse_query_gpu(out or "", fields)
-        except smi.NvidiaSmiError as exc:
-            module.fail_json(msg="%s; give gpus (total MiB per GPU) to estimate without nvidia-smi" % exc)
-        return found
-    module.fail_json(msg="nvidia-smi rejected the GPU query: give gpus (total MiB per GPU)")
-    return []
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc, out, err = module.run_command([*prefix, binary, *args], environ_update={"LC_ALL": "C"})
+        return rc, out or "", err or ""
+
+    gpus, reason = smi.query_gpus(run)
+    if reason:
+        module.fail_json(msg="%s; give gpus (total MiB per GPU) to estimate without nvidia-smi" % reason)
+    return gpus
 
 
 def select(found: list[dict], devices: list[str]) -> list[dict]:
