@@ -121,6 +121,10 @@ def test_api_tokens_are_private_and_used(host) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", keys["admin_key"])
     if name_of(host) == "tabby-tarball":
         assert keys["api_key"] == "0123456789abcdef0123456789abcdef", "provisioned keys are written as given"
+    else:
+        # Number-shaped keys stay strings (a YAML int or float would stop TabbyAPI at start).
+        assert (keys["api_key"], keys["admin_key"]) == (
+            "01234567890123456789012345678901", "12345678901234567890123456789e12")
     assert curl(host, "/health")[0] == 200
     assert curl(host, "/v1/models")[0] == 401
     assert curl(host, "/v1/models", keys["api_key"])[0] == 200
