@@ -80,8 +80,9 @@ def test_router_lists_every_model_with_aliases(host) -> None:
     g = gen(host)
     code, body = call(host, ROUTER + "/v1/models")
     assert code == 200, body
-    ids = {m["id"] for m in body["data"]}
-    assert {g["startup"], g["a"], g["b"], "llama-b", "smollm2-135m-instruct"} <= ids, ids
+    models = {m["id"]: m for m in body["data"]}
+    assert {g["startup"], g["a"], g["b"], "smollm2-135m-instruct"} <= set(models), models
+    assert models[g["b"]]["aliases"] == ["llama-b"]
 
 
 def test_router_config_carries_each_models_load_request(host) -> None:
@@ -146,9 +147,9 @@ def test_crosses_to_llamacpp_and_back(host) -> None:
 
 
 def vram(host, models: list, gpus: list) -> dict:
-    return host.ansible("llmstack.inference.tabbyapi_vram", " ".join([
-        "model_dir=/mnt/models", "generation=exl3",
-        f"models={json.dumps(models)}", f"gpus={json.dumps(gpus)}"]), check=False, become=False)
+    # JSON module args: key=value would split the list option at its commas.
+    args = {"model_dir": "/mnt/models", "generation": "exl3", "models": models, "gpus": gpus}
+    return host.ansible("llmstack.inference.tabbyapi_vram", json.dumps(args), check=False, become=False)
 
 
 def test_vram_estimate_refuses_a_70b_on_a_24gb_card_and_feeds_the_router(host) -> None:
