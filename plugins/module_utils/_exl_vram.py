@@ -308,8 +308,8 @@ def _place(devices, blocks, budgets, cache_counts, is_draft, overhead_on, label)
         while True:
             if i >= len(devices):
                 return (
-                    "%s: no GPU left for %s after GPU %d (the loader fails: exllamav2 raises "
-                    "'Insufficient VRAM for model and cache')"
+                    "%s: no GPU left for %s after GPU %d (the loader fails for lack of VRAM; exllamav2 "
+                    "says 'Insufficient VRAM for model and cache')"
                     % (label, "layer %d" % number if number != "head" else "the output head", len(devices) - 1)
                 )
             fixed = 0.0 if i in touched else blocks["scratch"] + blocks["cache_temp"]
