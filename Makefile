@@ -5,8 +5,9 @@ VENV ?= .venv
 export LLMSTACK_CACHE ?= $(CURDIR)/.cache
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
-# Scenarios in the order CI runs them; cheap proofs of the lab first. vllm also covers the sglang role (one host).
-SCENARIOS ?= lab default tabbyapi router vllm ollama fleet
+# Scenarios in the order CI runs them; cheap proofs of the lab first. vllm also covers the sglang role (one host),
+# tabbyapi the router role (tabby-tarball: both llama.cpp server kinds behind the router).
+SCENARIOS ?= lab default tabbyapi vllm ollama fleet
 
 .PHONY: deps venv docs docs-check lint sanity units pytest molecule test lab lab-destroy build clean
 

@@ -1,4 +1,7 @@
-"""The router role on a lab host: two llama.cpp units behind llmrouter, swapped both ways with real completions."""
+"""The router role on tabby-tarball: two llama.cpp units (llama-cpp-python and llama-server) behind llmrouter,
+swapped both ways with real completions, beside TabbyAPI in the same GPU group; the router's files, keys,
+polkit rule and sandbox. (Was the router scenario; it shares this scenario's boot to save CI time.)
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import re
 import shlex
 
 import pytest
+
+testinfra_hosts = ["ansible://tabby-tarball"]
 
 API_KEY = "molecule-router-api-key-0123456789"
 ADMIN_KEY = "molecule-router-admin-key-0123456789"
@@ -17,6 +22,9 @@ MODELS = {
     "smollm2-135m-instruct-bin": "llamacpp@smollm2-bin.service",
 }
 UNITS = sorted(MODELS.values())
+# Every engine unit of the router's one GPU group: after a swap exactly one of them is active.
+ENGINES = sorted([*UNITS, "tabbyapi.service"])
+TABBY_MODELS = ["tiny-exl2", "llama-a-exl2", "llama-b-exl2"]
 MAX_EXPOSURE = 2.0
 
 
@@ -37,7 +45,16 @@ def chat(host, model: str) -> tuple[int, dict]:
 
 
 def active_units(host) -> list[str]:
-    return [unit for unit in UNITS if host.run(f"systemctl is-active --quiet {unit}").rc == 0]
+    return [unit for unit in ENGINES if host.run(f"systemctl is-active --quiet {unit}").rc == 0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def back_on_the_startup_model(host):
+    # The swaps below stop TabbyAPI; the other test modules expect the host as the converge left it.
+    yield
+    code, body = chat(host, "tiny-exl2")
+    assert code == 200, body
+    assert active_units(host) == ["tabbyapi.service"]
 
 
 def test_router_runs_as_its_own_user_on_loopback(host) -> None:
@@ -55,7 +72,7 @@ def test_router_installed_from_the_collection_source(host) -> None:
     assert host.file("/opt/llmstack/router/src/src/llmstack_router/app.py").exists
     check = host.run("/opt/llmstack/router/venv/bin/llmstack-router --config /etc/llmstack/router/config.yml --check")
     assert check.rc == 0, check.stderr
-    assert "2 models in 1 groups" in check.stdout + check.stderr
+    assert "5 models in 1 groups" in check.stdout + check.stderr
 
 
 @pytest.mark.parametrize(
@@ -113,7 +130,7 @@ def test_polkit_rule_allows_nothing_but_start_and_stop_of_the_backends(host, com
 def test_models_lists_both_with_aliases(host) -> None:
     code, body = call(host, "/v1/models")
     assert code == 200
-    assert sorted(m["id"] for m in body["data"]) == sorted(MODELS)
+    assert sorted(m["id"] for m in body["data"]) == sorted([*MODELS, *TABBY_MODELS])
     smollm = next(m for m in body["data"] if m["id"] == "smollm2-135m-instruct")
     assert smollm["aliases"] == ["smollm"]
 
@@ -127,7 +144,7 @@ def test_unknown_model_is_a_404_naming_the_valid_ids(host) -> None:
     code, body = chat(host, "no-such-model")
     assert code == 404
     assert body["error"]["code"] == "model_not_found"
-    assert all(model in body["error"]["message"] for model in MODELS)
+    assert all(model in body["error"]["message"] for model in [*MODELS, *TABBY_MODELS])
 
 
 def test_swaps_both_ways_with_real_completions(host) -> None:
