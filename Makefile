@@ -52,12 +52,17 @@ units: venv
 pytest: venv
 	pytest -q tests/integration_py router/tests
 
-molecule: venv
-	for s in $(SCENARIOS); do echo "=== molecule test -s $$s"; molecule test -s $$s; done
+# `stage X took N s` lines show in the CI log where the 75-minute budget goes (one per scenario too).
+TIMED = start=$$(date +%s); status=0; $(2) || status=$$?; echo "stage $(1) took $$(( $$(date +%s) - start )) s"; [ $$status -eq 0 ]
 
+molecule: venv
+	for s in $(SCENARIOS); do echo "=== molecule test -s $$s"; $(call TIMED,molecule:$$s,molecule test -s $$s); done
+
+# Stages run in sequence through sub-makes so each one is timed; the first failing stage stops the run.
 # check-clean fails the run if any lab process, mount, namespace or link survived the tests.
-test: lint sanity units pytest molecule
-	python3 tools/lab/labctl.py check-clean
+test: venv
+	for stage in lint sanity units pytest molecule; do $(call TIMED,$$stage,$(MAKE) --no-print-directory $$stage); done
+	$(call TIMED,check-clean,python3 tools/lab/labctl.py check-clean)
 
 build: venv
 	ansible-galaxy collection build --force --output-path .cache/dist

@@ -94,8 +94,8 @@ def hosts() -> Iterator[list[str]]:
     """Names the test boots; torn down afterwards even when the test fails."""
     names: list[str] = []
     yield names
-    for name in names:
-        labctl("down", name, check=False)
+    if names:
+        labctl("down", *names, check=False)
 
 
 def test_rootfs_is_reused_and_keyed_by_its_recipe() -> None:
@@ -132,6 +132,12 @@ def test_two_hosts_boot_concurrently_and_reach_each_other(hosts: list[str]) -> N
     listed = {host["name"]: host for host in json.loads(labctl("status").stdout)}
     assert listed["pytest-a"]["running"] is True
     assert listed["pytest-b"]["address"] == b["address"]
+    # One call takes both down (side by side), names one that is not up, and leaves nothing of either.
+    assert json.loads(labctl("down", "pytest-a", "pytest-never", "pytest-b").stdout) == {
+        "removed": ["pytest-a", "pytest-b"]
+    }
+    assert leftovers_of("pytest-a", a["index"]) == []
+    assert leftovers_of("pytest-b", b["index"]) == []
 
 
 def test_each_boot_is_fresh_and_the_cached_rootfs_stays_untouched(hosts: list[str]) -> None:
