@@ -5,15 +5,14 @@
 Starts the emulated engine (tests/router_fake_upstream.py) and the real router (``llmstack-router``,
 run from router/src with the connection limit it ships), then: latency of sequential chat requests
 from one client (baseline), opens --hold connections that each send half a request and stop
-(slow clients), measures the router's RSS and the same latency again, then opens --hold more to
-see the limit answer. Prints one line per figure; the tests assert behaviour, this prints numbers.
+(slow clients), measures the router's RSS, open files and the same latency again. Prints one line
+per figure; tests/test_router_edge.py asserts the behaviour past the limit (503), this prints numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -45,7 +44,7 @@ def rss_mib(pid: int) -> float:
 
 async def wait_up(url: str) -> None:
     async with aiohttp.ClientSession() as client:
-        for _attempt in range(200):
+        for _attempt in range(1200):  # a loaded machine starts python slowly
             try:
                 async with client.get(url) as resp:
                     if resp.status < 500:
@@ -116,17 +115,9 @@ async def main() -> None:
             print(summary("latency, no held connections", await latencies(url, args.requests)))
             socks = await hold(router_port, args.hold)
             print(f"router RSS with {args.hold} held connections: {rss_mib(router.pid):.1f} MiB")
+            open_fds = len(os.listdir(f"/proc/{router.pid}/fd"))
+            print(f"router open files with {args.hold} held connections: {open_fds}")
             print(summary(f"latency, {args.hold} held connections", await latencies(url, args.requests)))
-            extra = args.max_connections + 10 - args.hold
-            if extra > 0:
-                over = await hold(router_port, extra)
-                socks += over
-                refused = 0
-                for sock in over[-10:]:
-                    sock.settimeout(2)
-                    with contextlib.suppress(OSError):
-                        refused += sock.recv(4096).startswith(b"HTTP/1.1 503")
-                print(f"over the limit ({args.max_connections}): {refused} of the last 10 answered 503")
         finally:
             for sock in socks:
                 sock.close()

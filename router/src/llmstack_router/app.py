@@ -459,7 +459,11 @@ _BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/j
 
 
 class _Busy(asyncio.Protocol):
-    """Answers one connection over the limit with a 503 and closes it, before reading a byte."""
+    """Answers one connection over the limit with a 503, then closes it.
+
+    Half-close first and drop what the client sends: closing a socket with unread input makes the
+    kernel send a reset, which can discard the 503 before the client reads it. Held 1 s at most.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -468,7 +472,14 @@ class _Busy(asyncio.Protocol):
         self.metrics.rejected.inc("503")
         assert isinstance(transport, asyncio.WriteTransport)
         transport.write(_BUSY_REPLY)
-        transport.close()
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(1.0, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is not read: the answer is the same for all
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: asyncio closes the transport
 
 
 def limited_factory(runner: web.AppRunner, config: RouterConfig) -> Any:
