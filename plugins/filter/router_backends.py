@@ -40,6 +40,8 @@ def _model(model_id: str, served_name: str, *sources: Mapping[str, Any]) -> dict
             model["aliases"] = [str(a) for a in source["aliases"]]
         if source.get("vram_mib") and "vram_mib" not in model:
             model["vram_mib"] = int(source["vram_mib"])
+        if source.get("max_in_flight") and "max_in_flight" not in model:
+            model["max_in_flight"] = int(source["max_in_flight"])
     return model
 
 

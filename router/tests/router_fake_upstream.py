@@ -79,6 +79,9 @@ class FakeUpstream:
         if payload.get("model") not in (self.model, None):
             return web.json_response({"error": {"message": f"model {payload.get('model')} not served here"}},
                                      status=404)
+        fault = payload.get("fake_fault")
+        if fault is not None:
+            return await self.fault(request, fault)
         if request.path.endswith("embeddings"):
             return web.json_response({"object": "list", "model": self.model,
                                       "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]})
@@ -104,6 +107,29 @@ class FakeUpstream:
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects += 1
             raise
+        return response
+
+    async def fault(self, request: web.Request, fault: str) -> web.StreamResponse:
+        """Misbehaviour a request asks for with ``"fake_fault"`` (the router forwards the body as is)."""
+        if fault == "html_error":  # a proxy or a crashed engine in front: HTML, not JSON
+            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            if fault == "hang":  # headers, then nothing
+                await asyncio.sleep(3600)
+            elif fault == "trickle":  # one byte at a time, each well inside any per-chunk timeout
+                while True:
+                    await response.write(b":")
+                    await asyncio.sleep(0.05)
+            elif fault == "flood":  # 64 MiB as fast as the router takes it (a slow reader's stream)
+                piece = b"data: " + b"x" * 65530 + b"\n\n"
+                for _index in range(1024):
+                    await response.write(piece)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
+        await response.write_eof()
         return response
 
 

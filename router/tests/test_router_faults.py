@@ -60,7 +60,7 @@ async def test_swap_both_ways_keeps_one_backend_up() -> None:
         await router.close()
 
 
-async def test_backend_exiting_at_start_gives_every_waiter_503_with_logs_then_retries(tmp_path: Path) -> None:
+async def test_backend_exiting_at_start_gives_every_waiter_503_logs_to_admins_then_retries(tmp_path: Path) -> None:
     port = free_port()
     flag = tmp_path / "broken"
     flag.touch()
@@ -72,7 +72,13 @@ async def test_backend_exiting_at_start_gives_every_waiter_503_with_logs_then_re
                 assert status == 503
                 assert body["error"]["code"] == "model_load_failed"
                 assert "exited with code 3" in body["error"]["message"]
-                assert "CUDA out of memory while loading weights (emulated)" in body["error"]["message"]
+                # The backend's log is for admins (/admin/status); the client gets a request id to quote.
+                assert "CUDA out of memory while loading weights (emulated)" not in body["error"]["message"]
+                assert "request id " in body["error"]["message"]
+                assert "/admin/status" in body["error"]["message"]
+            async with client.get(router.url + "/admin/status", headers=ADMIN) as resp:
+                logs = (await resp.json())["backend_logs"]["a"]
+            assert "error: CUDA out of memory while loading weights (emulated)" in logs
             assert router.router.lane_of["model-a"].core.swaps == 1  # three waiters, one load
             flag.unlink()
             status, body = await chat(client, router.url, "model-a")
@@ -81,7 +87,7 @@ async def test_backend_exiting_at_start_gives_every_waiter_503_with_logs_then_re
         await router.close()
 
 
-async def test_backend_never_ready_times_out_and_is_stopped() -> None:
+async def test_backend_never_ready_times_out_and_is_stopped(caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     router = await start_router(router_config({
         "a": spawned_backend(port, "model-a", "--never-ready", ready_timeout_s=4.0)}))
@@ -94,7 +100,9 @@ async def test_backend_never_ready_times_out_and_is_stopped() -> None:
         assert status == 503
         assert "not ready" in body["error"]["message"]
         assert "ready_timeout_s" in body["error"]["message"]
-        assert "fake engine pid" in body["error"]["message"]  # the backend's own output comes along
+        # The backend's own output is for admins (the router log; /admin/status while it runs), not the client.
+        assert "--- last log lines of a" not in body["error"]["message"]
+        assert "--- last log lines of a (command " in caplog.text
         assert elapsed < 8.0
         assert lane.backends["a"].controller.proc.returncode is not None
         assert lane.core.phase == "idle"
@@ -353,8 +361,11 @@ async def test_systemd_unit_mode_swaps_reports_journal_and_adopts_after_restart(
             status, body = await chat(client, router.url, "broken")
             assert status == 503
             assert "unit llamacpp@broken.service is failed" in body["error"]["message"]
-            assert "CUDA out of memory while loading weights (emulated)" in body["error"]["message"]
+            assert "CUDA out of memory while loading weights (emulated)" not in body["error"]["message"]
             assert "journal llamacpp@broken.service" in calls.read_text()
+            async with client.get(router.url + "/admin/status", headers=ADMIN) as resp:
+                logs = "\n".join((await resp.json())["backend_logs"]["broken"])
+            assert "CUDA out of memory while loading weights (emulated)" in logs
             status, _body = await chat(client, router.url, "model-b")
             assert status == 200
     finally:

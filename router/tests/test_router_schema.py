@@ -46,13 +46,15 @@ FULL: dict[str, Any] = {
                   "state_file": "/tmp/router-state/tabby.json"},
         "llama": {"engine": "llamacpp", "group": "gpu0", "url": "http://127.0.0.1:8081",
                   "command": ["llama-server", "--port", 8081], "cwd": "/tmp", "env": {"A": "1"},
-                  "models": [{"id": "smol"}]},
+                  "models": [{"id": "smol", "max_in_flight": 4}]},
     },
     "vram_probe": "none",
     "log_level": "INFO",
     "systemctl": ["systemctl"],
     "journalctl": ["journalctl"],
     "max_body_bytes": 4096,
+    "limits": {"max_connections": 256, "body_read_timeout_s": 5.0, "client_write_timeout_s": 5.0,
+               "upstream_total_timeout_s": 60.0},
     "loading_progress_interval_s": 1.0,
     "ready_poll_interval_s": 0.05,
 }
@@ -67,6 +69,7 @@ NODES = [
     (re.compile(r"^$"), SCHEMA),
     (re.compile(r"^listen$"), SCHEMA["properties"]["listen"]),
     (re.compile(r"^auth$"), SCHEMA["properties"]["auth"]),
+    (re.compile(r"^limits$"), SCHEMA["properties"]["limits"]),
     (re.compile(r"^groups\.[^.]+$"), SCHEMA["$defs"]["group"]),
     (re.compile(r"^backends\.[^.]+$"), SCHEMA["$defs"]["backend"]),
     (re.compile(r"^backends\.[^.]+\.models\[\d+\]$"), SCHEMA["$defs"]["model"]),
@@ -76,6 +79,7 @@ PARSED = {
     "": ("", lambda c: c),
     "listen": ("listen", lambda c: c),
     "auth": ("auth", lambda c: c.auth),
+    "limits": ("limits", lambda c: c.limits),
     "group": ("groups.gpu0", lambda c: c.groups["gpu0"]),
     "backend": ("backends.llama", lambda c: c.backends["llama"]),
     "model": ("backends.llama.models.0", lambda c: c.backends["llama"].models[0]),
@@ -111,6 +115,7 @@ def at(config: dict[str, Any], path: str) -> Any:
 def leaves() -> list[tuple[str, str, dict[str, Any]]]:
     """(node name, key, property schema) for every key the schema names."""
     named = {"": SCHEMA, "listen": SCHEMA["properties"]["listen"], "auth": SCHEMA["properties"]["auth"],
+             "limits": SCHEMA["properties"]["limits"],
              **{name: SCHEMA["$defs"][name] for name in ("group", "backend", "model")}}
     return [(node, key, prop) for node, schema in named.items() for key, prop in schema["properties"].items()]
 
@@ -159,7 +164,7 @@ def test_engines_and_name_patterns_are_config_pys() -> None:
 def test_required_ness_agrees(node: str, key: str, prop: dict[str, Any]) -> None:
     schema_node = SCHEMA if node == "" else SCHEMA["properties"].get(node) or SCHEMA["$defs"][node]
     required = key in schema_node.get("required", [])
-    config = copy.deepcopy(FULL if node in ("", "group", "auth", "listen") else MINIMAL)
+    config = copy.deepcopy(FULL if node in ("", "group", "auth", "listen", "limits") else MINIMAL)
     where = PARSED[node][0]
     if node == "model":
         where = "backends.llama.models.0"
@@ -184,6 +189,7 @@ def test_defaults_agree(node: str, key: str, prop: dict[str, Any]) -> None:
     where, parsed = PARSED[node]
     config = copy.deepcopy(MINIMAL)
     config["listen"] = {}
+    config["limits"] = {}
     at(config, where).pop(key, None)
     if node == "auth" and key == "api_keys":
         config["auth"]["allow_unauthenticated"] = True
@@ -196,6 +202,7 @@ def test_every_dataclass_default_is_in_the_schema() -> None:
     """The other way round: a default config.py has (a dataclass field's) is documented in the schema."""
     documented = {(node, key) for node, key, prop in leaves() if "default" in prop}
     for node, spec in (("group", cfg.GroupSpec), ("backend", cfg.BackendSpec), ("auth", cfg.AuthSpec),
+                       ("limits", cfg.LimitsSpec),
                        ("", cfg.RouterConfig), ("model", cfg.ModelSpec)):
         for f in dataclasses.fields(spec):
             if f.default is dataclasses.MISSING or f.name in ("api_key", "admin_key", "state_file", "load", "control"):
@@ -212,7 +219,8 @@ def test_types_agree_including_null(node: str, key: str, prop: dict[str, Any]) -
     types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
     wrong = WRONG[types[0]]
     base = FULL if node != "model" else MINIMAL
-    where = {"": "", "listen": "listen", "auth": "auth", "group": "groups.gpu0", "model": "backends.llama.models.0",
+    where = {"": "", "listen": "listen", "auth": "auth", "limits": "limits", "group": "groups.gpu0",
+             "model": "backends.llama.models.0",
              "backend": "backends.tabby" if key in ("unit", "state_file", "api_keys", "admin_keys")
              else "backends.llama"}[node]
     for value, expect in ((wrong, False), (None, "null" in types)):
@@ -298,6 +306,12 @@ EXAMPLES = [
     ("systemctl empty list", _with("systemctl", []), True),
     ("systemctl string", _with("systemctl", "systemctl"), False),
     ("backend key too short", _with("backends.llama.api_keys", ["short"]), False),
+    ("limits null", _with("limits", None), True),
+    ("unknown limits key", _with("limits", {"max_conns": 10}), False),
+    ("max_connections below 16", _with("limits", {"max_connections": 8}), False),
+    ("client_write_timeout 0", _with("limits", {"client_write_timeout_s": 0}), False),
+    ("max_in_flight 0", _with("backends.llama.models.0.max_in_flight", 0), False),
+    ("max_in_flight null", _with("backends.llama.models.0.max_in_flight", None), True),
     ("not a mapping", ["groups"], False),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from .metrics import Gauge, Metrics
 from .middleware import MODEL_ID, REQUEST_ID, STATUS, Keys, Need, access_log, auth, errors, request_ids
 from .responses import BadRequest, openai_error, sse_error
 from .scheduler import QueueFull
+from .upstream import Response as UpstreamResponse
 from .upstream import Upstream, UpstreamError
 from .vram import VramProbe, make_probe
 
@@ -26,6 +28,24 @@ log = logging.getLogger("llmstack_router.app")
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router")
+STREAM = web.RequestKey("stream", web.StreamResponse)  # the SSE response once prepared
+# The request encodings aiohttp's parser decodes itself (aiohttp/http_parser.py DeflateBuffer).
+_ENCODINGS = frozenset(("identity", "gzip", "deflate", "br"))
+# swap.py appends the backend's log to a load error after this marker: that part is for admins only.
+_LOG_MARKER = "\n--- last log lines of "
+_ECHO_MAX = 64  # an unknown model name is quoted up to this many characters
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Built once: strict JSON, which refuses NaN/Infinity (Python's json accepts them by default).
+_decode = json.JSONDecoder(parse_constant=_no_constant).decode
+
+
+class ClientStalled(ConnectionResetError):
+    """The client did not take a write within limits.client_write_timeout_s."""
 
 
 def _validate(path: str, payload: Any) -> None:
@@ -56,6 +76,8 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self.started = time.time()
         self.upstreams = {name: Upstream(b.url) for name, b in config.backends.items()}
+        self.limits = config.limits
+        self.in_flight: dict[str, int] = dict.fromkeys(config.models, 0)
         self._upstream_headers = {name: {"Content-Type": "application/json", **upstream_headers(b)}
                                   for name, b in config.backends.items()}
 
@@ -104,7 +126,8 @@ class Router:
 
     def unknown_model(self, name: str) -> web.Response:
         valid = ", ".join(sorted(self.config.names))
-        return openai_error(404, f"The model '{name}' does not exist. Valid ids: {valid}", "invalid_request_error",
+        shown = name if len(name) <= _ECHO_MAX else f"{name[:_ECHO_MAX]}... ({len(name)} characters)"
+        return openai_error(404, f"The model '{shown}' does not exist. Valid ids: {valid}", "invalid_request_error",
                             "model_not_found", "model")
 
     async def list_models(self, request: web.Request) -> web.Response:
@@ -116,12 +139,36 @@ class Router:
         } for model in self.config.models.values()]
         return web.json_response({"object": "list", "data": data})
 
-    async def inference(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body, within limits.body_read_timeout_s; BadRequest/408 otherwise."""
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is not None and encoding.strip().lower() not in _ENCODINGS:
+            raise BadRequest(f"Content-Encoding {encoding[:32]!r} is not supported (use gzip, deflate, br or none)")
         try:
-            payload = json.loads(body)
+            # aiohttp reads until Content-Length bytes came (web_request.py BaseRequest.read): a client
+            # that declares more than it sends would hold the connection until the peer gives up.
+            async with asyncio.timeout(self.limits.body_read_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            # The rest of the body may still come: close after the 408 (web_protocol.py keep_alive), never
+            # parse it as a request.
+            request.protocol.keep_alive(False)
+            raise web.HTTPRequestTimeout(reason="Request Timeout") from None
+        except web.RequestPayloadError as exc:
+            # web_protocol.py sets the parser's payload_exception to RequestPayloadError: a gzip/deflate/br
+            # body that does not decode (http_parser.py DeflateBuffer) or a broken chunked body.
+            request.protocol.keep_alive(False)
+            raise BadRequest(f"the request body does not decode (Content-Encoding or chunking): {exc}") from None
+
+    async def inference(self, request: web.Request) -> web.StreamResponse:
+        body = await self.read_body(request)
+        try:
+            payload = _decode(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            return openai_error(400, "the request body is not valid UTF-8", "invalid_request_error", "invalid_json")
         except (ValueError, RecursionError):
-            return openai_error(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
+            return openai_error(400, "the request body is not valid JSON (NaN and Infinity are not JSON either)",
+                                "invalid_request_error", "invalid_json")
         try:
             _validate(request.path, payload)
         except BadRequest as exc:
@@ -134,6 +181,12 @@ class Router:
             payload["model"] = model.served_name
             body = json.dumps(payload).encode()
         stream = payload.get("stream") is True
+        cap = model.max_in_flight
+        if cap is not None and self.in_flight[model.id] >= cap:
+            request[STATUS] = 429
+            return openai_error(429, f"model {model.id} has {cap} requests in flight (max_in_flight); retry later",
+                                "rate_limit_error", "too_many_requests", headers={"Retry-After": "1"})
+        self.in_flight[model.id] += 1
         lane = self.lane_of[model.id]
         ticket = lane.enqueue(model.id)
         response: web.StreamResponse | None = None
@@ -146,11 +199,41 @@ class Router:
                 return await self._fail(request, response, 503, str(exc), "server_error", "queue_full",
                                         {"Retry-After": str(exc.retry_after_s)})
             except LoadFailed as exc:
-                return await self._fail(request, response, 503, f"model {model.id} could not be loaded: {exc}",
+                # The backend's log lines go to the router log and /admin/status, never to a client.
+                reason = str(exc).partition(_LOG_MARKER)[0]
+                log.warning("model %s could not be loaded: %s", model.id, exc)
+                return await self._fail(request, response, 503, f"model {model.id} could not be loaded: {reason} "
+                                        f"(request id {request[REQUEST_ID]}; backend logs: /admin/status)",
                                         "server_error", "model_load_failed", {"Retry-After": "1"})
             return await self._forward(request, lane, model, body, stream, response)
+        except ClientStalled:
+            log.warning("client took no write for %.0fs (limits.client_write_timeout_s): dropped",
+                        self.limits.client_write_timeout_s)
+            if request.transport is not None:
+                request.transport.abort()
+            request[STATUS] = 499
+            # Prepared: aiohttp's finish_response (web_protocol.py) meets the closed transport and stops.
+            prepared = request.get(STREAM)
+            return prepared if prepared is not None else response
         finally:
+            self.in_flight[model.id] -= 1
             ticket.close()
+
+    async def _send(self, response: web.StreamResponse, data: bytes) -> None:
+        """One write to a client, bounded: aiohttp's StreamWriter.write (http_writer.py) waits in drain()
+        while the transport is paused, for ever if the client stopped reading."""
+        try:
+            async with asyncio.timeout(self.limits.client_write_timeout_s):
+                await response.write(data)
+        except TimeoutError:
+            raise ClientStalled("client stopped reading") from None
+
+    def _stream_response(self, request: web.Request, content_type: str) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+            "X-Request-Id": request[REQUEST_ID]})
+        request[STREAM] = response
+        return response
 
     async def _wait(self, request: web.Request, future: asyncio.Future[int], model: ModelSpec,
                     stream: bool) -> web.StreamResponse | None:
@@ -166,10 +249,9 @@ class Router:
             if future.done():
                 break
             if response is None:
-                response = web.StreamResponse(status=200, headers={
-                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                response = self._stream_response(request, "text/event-stream")
                 await response.prepare(request)
-            await response.write(f": loading {model.id} {time.monotonic() - began:.0f}s\n\n".encode())
+            await self._send(response, f": loading {model.id} {time.monotonic() - began:.0f}s\n\n".encode())
         return response
 
     async def _fail(self, request: web.Request, response: web.StreamResponse | None, status: int, message: str,
@@ -178,7 +260,7 @@ class Router:
             request[STATUS] = status
             return openai_error(status, message, err_type, code, headers=headers)
         request[STATUS] = 200
-        await response.write(sse_error(message, err_type, code))
+        await self._send(response, sse_error(message, err_type, code))
         await response.write_eof()
         return response
 
@@ -187,44 +269,66 @@ class Router:
         backend = self.config.backends[model.backend]
         headers = self._upstream_headers[backend.name] | {"X-Request-Id": request[REQUEST_ID]}
         began = time.monotonic()
+        # One deadline for the whole exchange: request_timeout_s is per chunk, so a backend that
+        # trickles a byte at a time would otherwise hold the slot for ever.
+        when = asyncio.get_running_loop().time() + self.limits.upstream_total_timeout_s
+        deadline = asyncio.timeout_at(when)
         try:
-            upstream = await self.upstreams[backend.name].post(request.path, body, headers, backend.request_timeout_s)
+            async with deadline:
+                upstream = await self.upstreams[backend.name].post(request.path, body, headers,
+                                                                   backend.request_timeout_s)
         except (OSError, TimeoutError) as exc:
-            return await self._upstream_failed(request, lane, model, response, exc)
+            return await self._upstream_failed(request, lane, model, response, exc, deadline.expired())
         self.metrics.upstream_seconds.observe(time.monotonic() - began, model.id)
+        deadline = asyncio.timeout_at(when)  # a Timeout is entered once (asyncio/timeouts.py)
         try:
-            content_type = upstream.content_type
-            is_sse = stream and upstream.status == 200 and content_type.startswith("text/event-stream")
-            if response is None and not is_sse:
-                data = await upstream.read()
-                request[STATUS] = upstream.status
-                return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
-            if response is None:
-                response = web.StreamResponse(status=200, headers={
-                    "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-                await response.prepare(request)
-            request[STATUS] = 200
-            if upstream.status != 200:
-                detail = (await upstream.read()).decode(errors="replace")[:2000]
-                await response.write(sse_error(f"upstream answered {upstream.status}: {detail}",
-                                               "server_error", "upstream_error"))
-            else:
-                async for chunk in upstream.iter_chunks():
-                    await response.write(chunk)
-            await response.write_eof()
-            return response
+            async with deadline:
+                return await self._relay(request, upstream, stream, response)
         except (UpstreamError, TimeoutError) as exc:
-            return await self._upstream_failed(request, lane, model, response, exc)
+            return await self._upstream_failed(request, lane, model, request.get(STREAM, response), exc,
+                                               deadline.expired())
         except (asyncio.CancelledError, ConnectionResetError):
             # The client left: drop the upstream connection so the engine stops generating.
             upstream.close()
             request[STATUS] = 499
             raise
 
+    async def _relay(self, request: web.Request, upstream: UpstreamResponse, stream: bool,
+                     response: web.StreamResponse | None) -> web.StreamResponse:
+        content_type = upstream.content_type
+        is_sse = stream and upstream.status == 200 and content_type.startswith("text/event-stream")
+        if response is None and not is_sse:
+            data = await upstream.read()
+            request[STATUS] = upstream.status
+            if upstream.status >= 400 and not (content_type.startswith("application/json") and data[:1] == b"{"):
+                # An engine (or a proxy before it) that answers an error in HTML or text: OpenAI's shape.
+                detail = data[:2000].decode(errors="replace")
+                return openai_error(upstream.status, f"backend answered {upstream.status}: {detail}",
+                                    "server_error", "upstream_error")
+            return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
+        if response is None:
+            response = self._stream_response(request, content_type)
+            await response.prepare(request)
+        request[STATUS] = 200
+        if upstream.status != 200:
+            detail = (await upstream.read()).decode(errors="replace")[:2000]
+            await self._send(response, sse_error(f"upstream answered {upstream.status}: {detail}",
+                                                 "server_error", "upstream_error"))
+        else:
+            async for chunk in upstream.iter_chunks():
+                await self._send(response, chunk)
+        await response.write_eof()
+        return response
+
     async def _upstream_failed(self, request: web.Request, lane: Lane, model: ModelSpec,
-                               response: web.StreamResponse | None, exc: BaseException) -> web.StreamResponse:
+                               response: web.StreamResponse | None, exc: BaseException,
+                               total_expired: bool = False) -> web.StreamResponse:
         backend = self.config.backends[model.backend]
-        if isinstance(exc, TimeoutError):
+        if total_expired:
+            status, code = 504, "upstream_timeout"
+            message = (f"backend {backend.name} did not finish within {self.limits.upstream_total_timeout_s:.0f}s "
+                       "(limits.upstream_total_timeout_s)")
+        elif isinstance(exc, TimeoutError):
             status, code = 504, "upstream_timeout"
             message = f"backend {backend.name} sent nothing for {backend.request_timeout_s:.0f}s (request_timeout_s)"
         else:
@@ -235,7 +339,7 @@ class Router:
         if response is None or not response.prepared:
             request[STATUS] = status
             return openai_error(status, message, "server_error", code)
-        await response.write(sse_error(message, "server_error", code))
+        await self._send(response, sse_error(message, "server_error", code))
         await response.write_eof()
         return response
 
@@ -344,3 +448,85 @@ def create_app(config: RouterConfig, probe: VramProbe | None = None) -> web.Appl
         # add_get also answers HEAD, as before the route table.
         (app.router.add_get if method == "GET" else app.router.add_post)(path, handler)
     return app
+
+
+# ---- the connection limit ---------------------------------------------------------------------
+_BUSY = json.dumps({"error": {"message": "the router holds its maximum of connections (limits.max_connections); "
+                                         "retry later", "type": "server_error", "param": None,
+                              "code": "too_many_connections"}}).encode()
+_BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY))
+
+
+class _Busy(asyncio.Protocol):
+    """Answers one connection over the limit with a 503, then closes it.
+
+    Half-close first and drop what the client sends: closing a socket with unread input makes the
+    kernel send a reset, which can discard the 503 before the client reads it. Held 1 s at most.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.metrics.rejected.inc("503")
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_BUSY_REPLY)
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(1.0, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is not read: the answer is the same for all
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: asyncio closes the transport
+
+
+def limited_factory(runner: web.AppRunner, config: RouterConfig) -> Any:
+    """aiohttp's protocol factory (web_server.py Server.__call__) behind a count of its open connections.
+
+    aiohttp has no connection limit of its own: every accepted socket gets a RequestHandler, and
+    Server.connection_made/connection_lost keep the set this reads.
+    """
+    server = runner.server
+    assert server is not None, "runner.setup() first"
+    limit = config.limits.max_connections
+    metrics = runner.app[ROUTER_KEY].metrics
+
+    def factory() -> asyncio.Protocol:
+        if len(server.connections) >= limit:
+            return _Busy(metrics)
+        return server()
+
+    return factory
+
+
+async def serve(config: RouterConfig, runner: web.AppRunner) -> asyncio.Server:
+    """Listen on config.host:port with the connection limit (instead of web.TCPSite)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(limited_factory(runner, config), config.host, config.port,
+                                    reuse_address=True, backlog=1024)
+
+
+def run(config: RouterConfig) -> None:
+    """What web.run_app did, with the connection limit: serve until SIGTERM/SIGINT, then clean up."""
+
+    async def main() -> None:
+        # handler_cancellation: a client that disconnects cancels its handler, which is what
+        # drops it from the queue or closes its upstream request.
+        runner = web.AppRunner(create_app(config), access_log=None, handler_cancellation=True,
+                               handle_signals=False, shutdown_timeout=5.0)
+        await runner.setup()
+        listener = await serve(config, runner)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            listener.close()
+            await runner.shutdown()
+            await runner.cleanup()
+
+    asyncio.run(main())

@@ -7,10 +7,8 @@ import atexit
 import logging
 import sys
 
-from aiohttp import web
-
 from . import __version__
-from .app import create_app
+from .app import run
 from .config import ConfigError, load_config
 from .control import kill_all_spawned
 from .logs import setup_logging
@@ -33,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     atexit.register(kill_all_spawned)
     logging.getLogger("llmstack_router").info("listening on %s:%d", config.host, config.port)
-    # handler_cancellation: a client that disconnects cancels its handler, which is what
-    # drops it from the queue or closes its upstream request.
-    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None,
-                handler_cancellation=True, print=None, shutdown_timeout=5.0)
+    run(config)  # app.py: web.run_app's loop plus the connection limit (limits.max_connections)
     return 0
 
 

@@ -41,6 +41,8 @@ class ModelSpec:
     served_name: str
     aliases: tuple[str, ...] = ()
     vram_mib: int | None = None
+    # Requests for this model accepted at once (queued or being served); beyond it a 429. None: no cap.
+    max_in_flight: int | None = None
     # TabbyAPI only: the verbatim body of POST /v1/model/load (holds model_name, the folder under
     # model_dir). On a tabbyapi backend config.py fills it with {"model_name": served_name} when absent.
     load: dict[str, Any] | None = field(default=None, hash=False)
@@ -99,6 +101,35 @@ class AuthSpec:
     metrics_require_key: bool = True
 
 
+# ---- limits: what one client may hold (issue 13, the router's HTTP edge) ------------------------
+@dataclass(frozen=True)
+class LimitsSpec:
+    # Open client connections; one more is answered 503 and closed. The unit's LimitNOFILE is sized for it.
+    max_connections: int = 4096
+    # A request body must arrive within this (a Content-Length larger than what is sent: 408).
+    body_read_timeout_s: float = 30.0
+    # Each write to a client must be taken within this, or the client is dropped (a reader that stopped).
+    client_write_timeout_s: float = 30.0
+    # From forwarding to the last byte of the answer (request_timeout_s is per chunk; this caps a trickle).
+    upstream_total_timeout_s: float = 1800.0
+
+
+def _limits(raw: Any) -> LimitsSpec:
+    reader = _Reader(raw or {}, "limits")
+    spec = LimitsSpec(
+        max_connections=(reader.integer("max_connections", LimitsSpec.max_connections, minimum=16)
+                         or LimitsSpec.max_connections),
+        body_read_timeout_s=reader.number("body_read_timeout_s", LimitsSpec.body_read_timeout_s, minimum=0.1),
+        client_write_timeout_s=reader.number("client_write_timeout_s", LimitsSpec.client_write_timeout_s,
+                                             minimum=0.1),
+        upstream_total_timeout_s=reader.number("upstream_total_timeout_s", LimitsSpec.upstream_total_timeout_s,
+                                               minimum=1.0),
+    )
+    reader.finish()
+    return spec
+# ---- end limits ----------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"
@@ -111,6 +142,7 @@ class RouterConfig:
     journalctl: tuple[str, ...] = ("journalctl",)
     vram_probe: str = "none"
     auth: AuthSpec = field(default_factory=AuthSpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
     groups: dict[str, GroupSpec] = field(default_factory=dict)
     backends: dict[str, BackendSpec] = field(default_factory=dict)
     models: dict[str, ModelSpec] = field(default_factory=dict)
@@ -307,6 +339,7 @@ def _models(reader: _Reader, backend: str, engine: str) -> tuple[ModelSpec, ...]
             served_name=served_name,
             aliases=aliases,
             vram_mib=entry.integer("vram_mib", None, minimum=1),
+            max_in_flight=entry.integer("max_in_flight", ModelSpec.max_in_flight, minimum=1),
             load=load,
         ))
         entry.finish()
@@ -470,6 +503,7 @@ def parse_config(data: Any) -> RouterConfig:
         journalctl=journalctl,
         vram_probe=vram_probe,
         auth=auth,
+        limits=_limits(top.get("limits")),
         groups=groups,
         backends=backends,
         models=models,

@@ -81,6 +81,9 @@ class Metrics:
     def __init__(self) -> None:
         self.requests = Counter("llmrouter_requests_total", "Requests answered, by model and HTTP status.",
                                 ("model", "code"))
+        self.rejected = Counter("llmrouter_rejected_total",
+                                "Requests refused by the router itself (400/401/404/408/413/429), by HTTP status.",
+                                ("code",))
         self.swaps = Counter("llmrouter_swaps_total", "Backend swaps, by GPU group and result.", ("group", "result"))
         self.swap_seconds = Histogram("llmrouter_swap_duration_seconds", "Time from swap start to ready.",
                                       ("group",), _SWAP_BUCKETS)
@@ -94,6 +97,7 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.swaps, self.swap_seconds, self.upstream_seconds, *self.gauges):
+        for metric in (self.requests, self.rejected, self.swaps, self.swap_seconds, self.upstream_seconds,
+                       *self.gauges):
             lines += metric.render()
         return "\n".join(lines) + "\n"

@@ -31,6 +31,8 @@ MODEL_ID = web.RequestKey("model_id", str)
 # The status the client saw when it differs from the response object's (a stream that
 # answered 200 and then wrote an error event, a client that left: 499).
 STATUS = web.RequestKey("status", int)
+# Refusals the router answers itself; counted apart (llmrouter_rejected_total), as strings once.
+REJECTED = {code: str(code) for code in (400, 401, 404, 408, 413, 429)}
 
 
 @web.middleware
@@ -66,6 +68,8 @@ def access_log(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[w
             model = request.get(MODEL_ID)
             if model is not None:
                 metrics.requests.inc(model, str(status))
+            if status in REJECTED:
+                metrics.rejected.inc(REJECTED[status])
             access_logger.info("%s %s %s", request.method, request.path, status, extra={
                 "status": status, "model": model, "duration_ms": round((time.monotonic() - began) * 1000, 3)})
 

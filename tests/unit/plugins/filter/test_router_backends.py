@@ -69,6 +69,12 @@ def test_instance_fields_and_settings_feed_the_model():
     assert backends["vllm-qwen"]["models"][0]["vram_mib"] == 30000
 
 
+def test_max_in_flight_from_the_settings_reaches_the_model():
+    backends = by_name(router_backends(NODE, "cpu", {"vllm-qwen": {"max_in_flight": 8}}))
+    assert backends["vllm-qwen"]["models"][0]["max_in_flight"] == 8
+    assert "max_in_flight" not in backends["llamacpp-smollm"]["models"][0]
+
+
 @pytest.mark.parametrize(
     ("node", "settings", "message"),
     [
