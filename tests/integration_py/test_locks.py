@@ -4,6 +4,7 @@
   match its lock, naming the package, with uv and with pip, and records nothing; the good lock installs, and
   installing it again changes nothing (the real task file, one ansible-playbook run against localhost, a
   local wheelhouse holding one hand-made wheel, no index);
+- a lock not made for the wanted version is refused, naming `make locks` and the role's lock variable;
 - `make locks-check` (tools/locks.py check, no network) passes on the checkout and fails, naming
   `make locks`, when a role's pinned version moves without its lock.
 """
@@ -48,7 +49,7 @@ def _wheel(wheelhouse: Path) -> Path:
     return path
 
 
-def _include(tmp: Path, variant: str, digest: str) -> dict:
+def _include(tmp: Path, variant: str, digest: str, pins: list[str] | None = None) -> dict:
     wheelhouse = tmp / "wheelhouse"
     return {
         "ansible.builtin.include_role": {"name": "llmstack.inference.common", "tasks_from": "venv_install"},
@@ -58,7 +59,7 @@ def _include(tmp: Path, variant: str, digest: str) -> dict:
             "common_venv_lock": _lock(digest),
             "common_venv_lock_name": "test.lock",
             "common_venv_lock_variable": "test_lock",
-            "common_venv_pins": [f"{PKG}=={VER}"],
+            "common_venv_pins": pins or [f"{PKG}=={VER}"],
             "common_uv_executable": str(BIN / "uv") if variant == "uv" else "",
             # The node's offline settings (role common: pip.conf and the UV_* variables).
             "common_pip_environment": {
@@ -88,7 +89,14 @@ def _converge(tmp: Path, digest: str, tampered: str) -> dict:
             _include(tmp, variant, digest),
             {"ansible.builtin.set_fact": {f"again_{variant}": "{{ common_venv_changed }}"}},
         ]
-    keys = [f"{k}_{v}" for v in ("uv", "pip") for k in ("bad", "good", "again")]
+    # A version the lock was not made for (a user's override without `make locks`): refused before installing.
+    tasks.append(
+        {
+            "block": [_include(tmp, "stale", digest, [f"{PKG}==2.0"])],
+            "rescue": [{"ansible.builtin.set_fact": {"stale": "{{ ansible_failed_result }}"}}],
+        }
+    )
+    keys = [f"{k}_{v}" for v in ("uv", "pip") for k in ("bad", "good", "again")] + ["stale"]
     tasks.append(
         {
             "ansible.builtin.copy": {
@@ -150,6 +158,11 @@ def test_tampered_hash_fails_with_the_package_name(tmp_path: Path) -> None:
         assert (tmp_path / variant / "venv/llmstack-requirements.lock").read_text() == _lock(digest)
         python = tmp_path / variant / "venv/bin/python"
         assert subprocess.run([str(python), "-c", f"import {PKG}"], check=False).returncode == 0
+    stale = out["stale"]["msg"]
+    assert f"test.lock was not made for {PKG}==2.0" in stale, stale
+    assert "make locks" in stale, stale
+    assert "test_lock" in stale, stale
+    assert not (tmp_path / "stale").exists(), "the stale lock created a venv"
 
 
 def _copy_tree(dst: Path) -> None:
