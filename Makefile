@@ -9,7 +9,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # tabbyapi the router role (tabby-tarball: both llama.cpp server kinds behind the router).
 SCENARIOS ?= lab default tabbyapi vllm ollama fleet
 
-.PHONY: deps venv docs docs-check lint sanity units pytest molecule test lab lab-destroy build clean
+.PHONY: deps venv locks locks-check docs docs-check lint sanity units pytest molecule test lab lab-destroy build clean
 
 # Debian packages a bare Debian 12 machine lacks for the lab (installed only when missing).
 DEB_PACKAGES := debootstrap systemd-container iproute2 nftables openssh-client python3-venv unzip git ca-certificates
@@ -21,14 +21,26 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# Everything from hashed locks (make locks): uv first, with pip, then the tools with uv. A file whose hash
+# does not match its lock fails here, naming the package (a compromised release, a tampered mirror).
 venv: deps $(VENV)/.stamp
-$(VENV)/.stamp: requirements/controller.txt
+$(VENV)/.stamp: requirements/controller.lock requirements/uv.lock
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q "$$(grep '^uv==' requirements/controller.txt)"
-	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements/controller.txt
+	$(VENV)/bin/pip install -q --require-hashes -r requirements/uv.lock
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --require-hashes -r requirements/controller.lock
 	mkdir -p .collections/ansible_collections/llmstack
 	ln -sfn ../../.. .collections/ansible_collections/llmstack/inference
 	touch $@
+
+# The one place locks are refreshed: requirements/*.in (and controller.txt) compiled with
+# `uv pip compile --generate-hashes` into requirements/*.lock (tools/locks.py). Needs the package index,
+# and for llamacpp.lock the built llama-cpp-python wheel in $(LLMSTACK_CACHE)/wheelhouse.
+locks: venv
+	tools/locks.py write
+
+# No network: each lock was made from its .in, and each .in agrees with the versions the roles default to.
+locks-check:
+	tools/locks.py check
 
 # Role READMEs: hand-written intro, variable tables generated from meta/argument_specs.yml (tools/role-docs.sh).
 docs: venv
@@ -38,7 +50,7 @@ docs: venv
 docs-check: venv
 	tools/role-docs.sh check
 
-lint: venv docs-check
+lint: venv docs-check locks-check
 	ruff check .
 	yamllint --strict .
 	ansible-lint

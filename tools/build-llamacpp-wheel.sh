@@ -14,7 +14,9 @@ UV_VERSION="${UV_VERSION:-0.13.9}"
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${LLMSTACK_CACHE:-$repo_root/.cache}"
 wheelhouse="$cache/wheelhouse"
-stamp="$wheelhouse/.llama_cpp_python-${LLAMACPP_PYTHON_VERSION}-uv-${UV_VERSION}.complete"
+# The stamp names the locks too: a refreshed lock (make locks) fetches its wheels again.
+locks=("$repo_root/requirements/llamacpp.lock" "$repo_root/requirements/uv.lock")
+stamp="$wheelhouse/.llama_cpp_python-${LLAMACPP_PYTHON_VERSION}-uv-${UV_VERSION}-$(cat "${locks[@]}" | sha1sum | cut -c1-12).complete"
 python="${LLMSTACK_PYTHON:-$repo_root/.venv/bin/python}"
 [[ -x "$python" ]] || python="$(command -v python3)"
 
@@ -40,10 +42,16 @@ if ! compgen -G "$wheelhouse/llama_cpp_python-${LLAMACPP_PYTHON_VERSION}-*.whl" 
     || { tail -n 40 "$log" >&2; echo "wheel build failed, see $log" >&2; exit 1; }
 fi
 built=$(date +%s)
+# The build is not reproducible, so its hash is recorded now, once, and role llamacpp installs against
+# it (--require-hashes). A wheel from before this record gets its hash on the first run after.
+for wheel in "$wheelhouse"/llama_cpp_python-"${LLAMACPP_PYTHON_VERSION}"-*.whl; do
+  [[ -f "$wheel.sha256" ]] || (cd "$wheelhouse" && sha256sum "$(basename "$wheel")" >"$(basename "$wheel").sha256")
+done
 
-# Dependencies are plain downloads; with them the wheelhouse works with --no-index.
-"$python" -m pip download --dest "$wheelhouse" --only-binary=:all: --find-links "$wheelhouse" \
-  "llama-cpp-python[server]==${LLAMACPP_PYTHON_VERSION}" "uv==${UV_VERSION}" >>"$log" 2>&1 \
+# Dependencies are the locks' wheels, checked against their hashes; with them the wheelhouse works with
+# --no-index, and the node's install checks the same hashes again.
+"$python" -m pip download --dest "$wheelhouse" --only-binary=:all: --find-links "$wheelhouse" --require-hashes \
+  -r "$repo_root/requirements/llamacpp.lock" -r "$repo_root/requirements/uv.lock" >>"$log" 2>&1 \
   || { tail -n 40 "$log" >&2; echo "dependency download failed, see $log" >&2; exit 1; }
 
 touch "$stamp"

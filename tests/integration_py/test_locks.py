@@ -1,0 +1,207 @@
+"""Issue 13, pinned and verified installs: every venv comes from a hashed lock.
+
+- role common's venv_install (the one install path of the service venvs) fails a wheel whose hash does not
+  match its lock, naming the package, with uv and with pip, and records nothing; the good lock installs, and
+  installing it again changes nothing (the real task file, one ansible-playbook run against localhost, a
+  local wheelhouse holding one hand-made wheel, no index);
+- a lock not made for the wanted version is refused, naming `make locks` and the role's lock variable;
+- `make locks-check` (tools/locks.py check, no network) passes on the checkout and fails, naming
+  `make locks`, when a role's pinned version moves without its lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PKG, VER = "tiny_locked", "1.0"
+
+
+def _wheel(wheelhouse: Path) -> Path:
+    """A minimal, valid wheel (PEP 427), so that neither pip nor uv needs an index or a build."""
+    path = wheelhouse / f"{PKG}-{VER}-py3-none-any.whl"
+    info = f"{PKG}-{VER}.dist-info"
+    files = {
+        f"{PKG}/__init__.py": b"VALUE = 1\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {PKG}\nVersion: {VER}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{info}/RECORD,,")
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def _include(tmp: Path, variant: str, digest: str, pins: list[str] | None = None) -> dict:
+    wheelhouse = tmp / "wheelhouse"
+    return {
+        "ansible.builtin.include_role": {"name": "llmstack.inference.common", "tasks_from": "venv_install"},
+        "vars": {
+            "common_venv_path": str(tmp / variant / "venv"),
+            "common_venv_python": sys.executable,
+            "common_venv_lock": _lock(digest),
+            "common_venv_lock_name": "test.lock",
+            "common_venv_lock_variable": "test_lock",
+            "common_venv_pins": pins or [f"{PKG}=={VER}"],
+            "common_uv_executable": str(BIN / "uv") if variant == "uv" else "",
+            # The node's offline settings (role common: pip.conf and the UV_* variables).
+            "common_pip_environment": {
+                "PIP_CONFIG_FILE": os.devnull,
+                "PIP_NO_INDEX": "1",
+                "PIP_FIND_LINKS": str(wheelhouse),
+                "UV_NO_INDEX": "1",
+                "UV_FIND_LINKS": str(wheelhouse),
+                "UV_PYTHON_DOWNLOADS": "never",
+                "UV_CACHE_DIR": str(tmp / "uv-cache"),
+            },
+        },
+    }
+
+
+def _converge(tmp: Path, digest: str, tampered: str) -> dict:
+    """One ansible run (each costs seconds): per installer a tampered lock, the good lock, the good lock again."""
+    tasks = []
+    for variant in ("uv", "pip"):
+        tasks += [
+            {
+                "block": [_include(tmp, variant, tampered)],
+                "rescue": [{"ansible.builtin.set_fact": {f"bad_{variant}": "{{ ansible_failed_result }}"}}],
+            },
+            _include(tmp, variant, digest),
+            {"ansible.builtin.set_fact": {f"good_{variant}": "{{ common_venv_changed }}"}},
+            _include(tmp, variant, digest),
+            {"ansible.builtin.set_fact": {f"again_{variant}": "{{ common_venv_changed }}"}},
+        ]
+    # A version the lock was not made for (a user's override without `make locks`): refused before installing.
+    tasks.append(
+        {
+            "block": [_include(tmp, "stale", digest, [f"{PKG}==2.0"])],
+            "rescue": [{"ansible.builtin.set_fact": {"stale": "{{ ansible_failed_result }}"}}],
+        }
+    )
+    keys = [f"{k}_{v}" for v in ("uv", "pip") for k in ("bad", "good", "again")] + ["stale"]
+    tasks.append(
+        {
+            "ansible.builtin.copy": {
+                "dest": str(tmp / "results.json"),
+                "mode": "0644",
+                "content": "{{ {" + ", ".join(f"'{k}': {k} | default(none)" for k in keys) + "} | to_json }}",
+            }
+        }
+    )
+    (tmp / "play.yml").write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        ANSIBLE_NOCOLOR="1",
+    )
+    run = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            str(tmp / "play.yml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return json.loads((tmp / "results.json").read_text())
+
+
+def _lock(digest: str) -> str:
+    return f"# pin: {PKG}=={VER}\n{PKG}=={VER} \\\n    --hash=sha256:{digest}\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the task file installs as root (owner root), like on a node")
+def test_tampered_hash_fails_with_the_package_name(tmp_path: Path) -> None:
+    (tmp_path / "wheelhouse").mkdir()
+    digest = hashlib.sha256(_wheel(tmp_path / "wheelhouse").read_bytes()).hexdigest()
+    tampered = ("0" if digest[0] != "0" else "1") + digest[1:]
+    out = _converge(tmp_path, digest, tampered)
+    for variant in ("uv", "pip"):
+        bad = out[f"bad_{variant}"]
+        assert bad, f"{variant}: the tampered lock installed"
+        text = (bad.get("stderr", "") + bad.get("stdout", "") + bad.get("msg", "")).replace("-", "_")
+        # uv: "Hash mismatch for `tiny-locked==1.0`";
+        # pip: "THESE PACKAGES DO NOT MATCH THE HASHES ... tiny_locked==1.0".
+        assert f"{PKG}=={VER}" in text, f"{variant}: {bad}"
+        assert "hash mismatch" in text.lower() or "DO NOT MATCH THE HASHES" in text, f"{variant}: {bad}"
+        assert out[f"good_{variant}"] is True, f"{variant}: the good lock did not install"
+        assert out[f"again_{variant}"] is False, f"{variant}: an unchanged lock reinstalled"
+        assert (tmp_path / variant / "venv/llmstack-requirements.lock").read_text() == _lock(digest)
+        python = tmp_path / variant / "venv/bin/python"
+        assert subprocess.run([str(python), "-c", f"import {PKG}"], check=False).returncode == 0
+    stale = out["stale"]["msg"]
+    assert f"test.lock was not made for {PKG}==2.0" in stale, stale
+    assert "make locks" in stale, stale
+    assert "test_lock" in stale, stale
+    assert not (tmp_path / "stale").exists(), "the stale lock created a venv"
+
+
+def _copy_tree(dst: Path) -> None:
+    for rel in [
+        "tools/locks.py",
+        "requirements",
+        "router/pyproject.toml",
+        "roles/common/meta/argument_specs.yml",
+        "roles/litellm/meta/argument_specs.yml",
+        "roles/llamacpp/meta/argument_specs.yml",
+    ]:
+        src, out = REPO / rel, dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, out)
+
+
+def test_locks_are_current_with_their_pins() -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools/locks.py"), "check"], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_moved_version_without_make_locks_fails_the_check(tmp_path: Path) -> None:
+    _copy_tree(tmp_path)
+    spec = tmp_path / "roles/litellm/meta/argument_specs.yml"
+    spec.write_text(spec.read_text().replace('default: "1.108.7"', 'default: "1.108.8"'))
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "tools/locks.py"), "check"], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 1
+    assert "litellm[proxy]==1.108.8" in run.stderr, run.stderr
+    assert "make locks" in run.stderr, run.stderr
+
+    _copy_tree(tmp_path / "b")
+    lock = tmp_path / "b/requirements/router.lock"
+    lock.write_text(lock.read_text().replace("aiohttp==3.14.5 \\", "aiohttp==3.14.4 \\"))
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "b/tools/locks.py"), "check"], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 1
+    assert "does not pin aiohttp==3.14.5" in run.stderr, run.stderr
