@@ -22,6 +22,8 @@ from .scheduler import QueueFull
 from .upstream import Upstream, UpstreamError
 from .vram import VramProbe, make_probe
 
+# The stream a request's answer is on, once prepared: where a drain-deadline cut writes its error event.
+PREPARED = web.RequestKey("prepared_response", web.StreamResponse)
 log = logging.getLogger("llmstack_router.app")
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -149,6 +151,12 @@ class Router:
                 return await self._fail(request, response, 503, f"model {model.id} could not be loaded: {exc}",
                                         "server_error", "model_load_failed", {"Retry-After": "1"})
             return await self._forward(request, lane, model, body, stream, response)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if ticket.cut is None or task is None or task.uncancel():
+                raise  # the client left (or shutdown): not a drain-deadline cut
+            return await self._fail(request, request.get(PREPARED, response), 503, ticket.cut, "server_error",
+                                    "drain_timeout", {"Retry-After": "1"})
         finally:
             ticket.close()
 
@@ -203,6 +211,7 @@ class Router:
                 response = web.StreamResponse(status=200, headers={
                     "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 await response.prepare(request)
+                request[PREPARED] = response
             request[STATUS] = 200
             if upstream.status != 200:
                 detail = (await upstream.read()).decode(errors="replace")[:2000]
