@@ -375,15 +375,18 @@ def test_drain_deadline_cuts_requests_in_flight_and_the_swap_goes_on() -> None:
     assert h.core.phase == Phase.DRAINING
     assert h.core.next_wake() == 35.0, "the drain deadline is the lane timer's next wake"
     h.advance(29.0)
-    assert h.pending_load is None and not h.cuts, "cut before the deadline"
+    assert h.pending_load is None
+    assert not h.cuts, "cut before the deadline"
     h.advance(1.0)
     assert [c.epoch for c in h.cuts] == [1]
     assert "drain_timeout_s=30" in h.cuts[0].reason
     assert h.pending_load == StartLoad("b", "a")
-    assert a.ticket not in h.granted and h.core.in_flight == 0
+    assert a.ticket not in h.granted
+    assert h.core.in_flight == 0
     h.take(h.core.cancel(a, h.now))  # the cut request's handler closes its ticket: no double release
     h.finish_load()
-    assert b.ticket in h.granted and h.core.in_flight == 1
+    assert b.ticket in h.granted
+    assert h.core.in_flight == 1
 
 
 def test_queued_request_past_its_maximum_wait_gets_503_with_retry_after() -> None:
@@ -397,7 +400,8 @@ def test_queued_request_past_its_maximum_wait_gets_503_with_retry_after() -> Non
     assert b.ticket not in h.rejected
     h.advance(1.0)
     reject = h.rejected[b.ticket]
-    assert reject.timed_out and reject.retry_after_s == h.core.retry_after_s
+    assert reject.timed_out
+    assert reject.retry_after_s == h.core.retry_after_s
     assert "queue_max_wait_s=60" in reject.error
     assert h.core.queue_depth() == 0
     assert h.core.phase == Phase.READY, "nobody waits any more: the model is re-admitted"

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from .config import BackendSpec, GroupSpec, ModelSpec, RouterConfig
-from .control import ControlError, make_controller
+from .control import ControlError, UnitController, make_controller
 from .engines import make_engine
 from .metrics import Metrics
 from .scheduler import (
@@ -241,6 +241,9 @@ class Lane:
             "models": sorted(self.models),
             "backends": {name: runtime.engine.status() for name, runtime in self.backends.items()
                          if runtime.engine.status()},
+            # systemd's view of each unit backend as last seen: a start-limit-hit shows here.
+            "units": {name: runtime.controller.status() for name, runtime in self.backends.items()
+                      if isinstance(runtime.controller, UnitController) and runtime.controller.status()},
             "last_swaps": [r.as_dict() for r in list(self.history)[-5:]],
         }
 
