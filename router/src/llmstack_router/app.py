@@ -17,6 +17,7 @@ from .engines import upstream_headers
 from .group import Lane, LoadFailed, build_lanes
 from .metrics import Gauge, Metrics
 from .middleware import MODEL_ID, REQUEST_ID, STATUS, Keys, Need, access_log, auth, errors, request_ids
+from .reload import KEYS
 from .responses import BadRequest, openai_error, sse_error
 from .scheduler import QueueFull
 from .upstream import Upstream, UpstreamError
@@ -344,9 +345,11 @@ def create_app(config: RouterConfig, probe: VramProbe | None = None) -> web.Appl
     router = Router(config, probe)
     routes = route_table(router)
     needs = {path: need for _method, path, _handler, need in routes}
-    middlewares = [request_ids, access_log(router.metrics), errors, auth(Keys(config.auth), needs)]
+    keys = Keys(config.auth)
+    middlewares = [request_ids, access_log(router.metrics), errors, auth(keys, needs)]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[ROUTER_KEY] = router
+    app[KEYS] = keys  # SIGHUP replaces the keys in place (reload.py)
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
     for method, path, handler, _need in routes:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import logging
+import signal
 import sys
 
 from aiohttp import web
@@ -14,6 +16,7 @@ from .app import create_app
 from .config import ConfigError, load_config
 from .control import kill_all_spawned
 from .logs import setup_logging
+from .reload import reload_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("llmstack_router").info("listening on %s:%d", config.host, config.port)
     # handler_cancellation: a client that disconnects cancels its handler, which is what
     # drops it from the queue or closes its upstream request.
-    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None,
+    app = create_app(config)
+
+    async def reload_on_sighup(app: web.Application) -> None:
+        # Without this handler SIGHUP's default action kills the router.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app, args.config)
+
+    app.on_startup.append(reload_on_sighup)
+    web.run_app(app, host=config.host, port=config.port, access_log=None,
                 handler_cancellation=True, print=None, shutdown_timeout=5.0)
     return 0
 

@@ -226,6 +226,15 @@ class Lane:
         for task in list(self.tasks):
             task.cancel()
 
+    def reconfigure(self, group: GroupSpec) -> None:
+        """SIGHUP (reload.py): new scheduling settings; requests queued and in flight stay."""
+        self.group = group
+        core = self.core
+        core.queue_size, core.min_residency_s = group.queue_size, group.min_residency_s
+        core.idle_ttl_s = group.idle_ttl_s
+        core.drain_timeout_s, core.queue_max_wait_s = group.drain_timeout_s, group.queue_max_wait_s
+        self.apply(core.tick(self.now()))
+
     def status(self) -> dict[str, Any]:
         state = self.snapshot()
         return {
