@@ -394,7 +394,7 @@ async def test_drain_deadline_cuts_a_slow_stream_with_an_error_event_and_the_swa
             status, body = await chat(client, router.url, "model-b")
             took = asyncio.get_running_loop().time() - began
             assert status == 200, body
-            assert took < 6.0, f"the swap waited {took:.1f}s for a slow stream"
+            assert took < 15.0, f"the swap waited {took:.1f}s for a slow stream (20 s without the deadline)"
             events = await asyncio.wait_for(slow, 10)
             assert '"code": "drain_timeout"' in events[-1] or '"drain_timeout"' in events[-2], events[-3:]
             assert any("drain_timeout_s=1" in e for e in events), events[-3:]
@@ -407,7 +407,7 @@ async def test_queued_request_past_queue_max_wait_gets_503_with_retry_after() ->
     # Failed on b0b22a2: a request for b waited as long as a's stream lasted (no maximum wait).
     port_a, port_b = free_port(), free_port()
     router = await start_router(router_config({
-        "a": spawned_backend(port_a, "model-a", "--chunks", "60", "--chunk-delay", "0.1"),
+        "a": spawned_backend(port_a, "model-a", "--chunks", "100", "--chunk-delay", "0.1"),
         "b": spawned_backend(port_b, "model-b")},
         group={"min_residency_s": 0.0, "drain_timeout_s": 60.0, "queue_max_wait_s": 1.0}))
     try:
@@ -422,10 +422,10 @@ async def test_queued_request_past_queue_max_wait_gets_503_with_retry_after() ->
                 body = await resp.json()
                 assert resp.status == 503, body
                 assert int(resp.headers["Retry-After"]) >= 1
-            assert asyncio.get_running_loop().time() - began < 3.0
+            assert asyncio.get_running_loop().time() - began < 5.0
             assert body["error"]["code"] == "queue_full"
             assert "queue_max_wait_s=1" in body["error"]["message"]
-            events = await asyncio.wait_for(slow, 20)
+            events = await asyncio.wait_for(slow, 30)
             assert events[-1] == "data: [DONE]", "the stream in flight was not disturbed"
     finally:
         await router.close()
