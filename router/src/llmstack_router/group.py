@@ -228,7 +228,7 @@ class Lane:
 
     def reconfigure(self, group: GroupSpec) -> None:
         """SIGHUP (reload.py): new scheduling settings; requests queued and in flight stay."""
-        self.group = group
+        self.group = self.swapper.group = group  # the swapper reads the VRAM settings from it
         core = self.core
         core.queue_size, core.min_residency_s = group.queue_size, group.min_residency_s
         core.idle_ttl_s = group.idle_ttl_s
