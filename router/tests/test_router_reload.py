@@ -43,6 +43,7 @@ async def test_sighup_reloads_keys_keeps_the_stream_in_flight_and_refuses_a_bad_
                 first = b""
                 while not first.startswith(b"data: "):  # past the ": loading" comments
                     first = await resp.content.readline()
+                    assert first, "the stream ended before its first event"
                 cfg["auth"]["api_keys"] = [NEW_KEY]
                 config.write_text(yaml.safe_dump(cfg))
                 proc.send_signal(signal.SIGHUP)
