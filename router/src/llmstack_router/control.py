@@ -32,8 +32,9 @@ class Controller(Protocol):
     async def stop(self, timeout_s: float) -> None:
         """Return only once every process of the backend is gone; raise ControlError otherwise."""
 
-    async def failure(self) -> str | None:
-        """Why the backend is known to be down (exited, unit failed), else None."""
+    async def failure(self, loading: bool = False) -> str | None:
+        """Why the backend is known to be down (exited, unit failed), else None. ``loading``: the
+        router is starting it (a unit waiting to auto-restart is then on its way up)."""
 
     async def last_logs(self, lines: int = 20) -> str: ...
 
@@ -49,7 +50,7 @@ class ExternalController:
     async def stop(self, timeout_s: float) -> None:
         return None
 
-    async def failure(self) -> str | None:
+    async def failure(self, loading: bool = False) -> str | None:
         return None
 
     async def last_logs(self, lines: int = 20) -> str:
@@ -158,7 +159,7 @@ class CommandController:
         self._stopping = True
         self._signal_group(signal.SIGKILL)
 
-    async def failure(self) -> str | None:
+    async def failure(self, loading: bool = False) -> str | None:
         if self.proc is not None and self.proc.returncode is not None:
             return f"process exited with code {self.proc.returncode}"
         return None
@@ -234,15 +235,17 @@ class UnitController:
                 raise ControlError(f"{self.unit} still has processes {timeout_s:.0f}s after stop: {props}")
             await asyncio.sleep(0.1)
 
-    async def failure(self) -> str | None:
+    async def failure(self, loading: bool = False) -> str | None:
         """Lost, not ready: failed, dead, or crashed and waiting to auto-restart (``activating
-        (auto-restart)``: its main process is gone; whatever comes back has lost our requests)."""
+        (auto-restart)``: its main process is gone; whatever comes back has lost our requests).
+        While the router loads it, auto-restart is systemd bringing it up (our start job waits for
+        the restart timer); ready_timeout_s and the start limit bound that."""
         props = await self.show()
         active, sub, result = props.get("ActiveState"), props.get("SubState"), props.get("Result", "")
         if result == "start-limit-hit":
             return (f"unit {self.unit} is {active}/{sub}, Result=start-limit-hit: systemd refuses to start it "
                     f"until reset-failed (the router clears it on the next try; see the unit's journal)")
-        if active == "failed" or (active == "activating" and sub == "auto-restart") or (
+        if active == "failed" or (active == "activating" and sub == "auto-restart" and not loading) or (
             active == "inactive" and sub in ("dead", "failed") and props.get("MainPID", "0") == "0"
         ):
             why = f", Result={result}" if result not in ("", "success") else ""
