@@ -382,3 +382,61 @@ async def test_systemd_unit_mode_swaps_reports_journal_and_adopts_after_restart(
         await router.close()
         for unit in ports:
             subprocess.run([sys.executable, fake_systemctl, str(tmp_path), "stop", unit], check=True)
+
+
+async def _stream_events(client: aiohttp.ClientSession, url: str, model: str) -> list[str]:
+    async with client.post(url + "/v1/chat/completions", json={"model": model, **CHAT, "stream": True}) as resp:
+        assert resp.status == 200
+        return [line.decode().strip() for line in [line async for line in resp.content] if line.strip()]
+
+
+async def test_drain_deadline_cuts_a_slow_stream_with_an_error_event_and_the_swap_goes_on() -> None:
+    # Failed on b0b22a2: the swap to b waited for a's 20 s stream (no drain deadline).
+    port_a, port_b = free_port(), free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a", "--chunks", "200", "--chunk-delay", "0.1"),
+        "b": spawned_backend(port_b, "model-b")}, group={"min_residency_s": 0.0, "drain_timeout_s": 1.0}))
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            assert (await chat(client, router.url, "model-a"))[0] == 200
+            slow = asyncio.create_task(_stream_events(client, router.url, "model-a"))
+            await asyncio.sleep(0.5)
+            began = asyncio.get_running_loop().time()
+            status, body = await chat(client, router.url, "model-b")
+            took = asyncio.get_running_loop().time() - began
+            assert status == 200, body
+            assert took < 15.0, f"the swap waited {took:.1f}s for a slow stream (20 s without the deadline)"
+            events = await asyncio.wait_for(slow, 10)
+            assert '"code": "drain_timeout"' in events[-1] or '"drain_timeout"' in events[-2], events[-3:]
+            assert any("drain_timeout_s=1" in e for e in events), events[-3:]
+        assert router.router.lane_of["model-a"].core.in_flight == 0
+    finally:
+        await router.close()
+
+
+async def test_queued_request_past_queue_max_wait_gets_503_with_retry_after() -> None:
+    # Failed on b0b22a2: a request for b waited as long as a's stream lasted (no maximum wait).
+    port_a, port_b = free_port(), free_port()
+    router = await start_router(router_config({
+        "a": spawned_backend(port_a, "model-a", "--chunks", "100", "--chunk-delay", "0.1"),
+        "b": spawned_backend(port_b, "model-b")},
+        group={"min_residency_s": 0.0, "drain_timeout_s": 60.0, "queue_max_wait_s": 1.0}))
+    try:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            # a is loaded outside the queue: its start may take longer than the 1 s maximum wait here.
+            await router.router.lane_of["model-a"].swapper.load("model-a", None)
+            router.router.lane_of["model-a"].apply(router.router.lane_of["model-a"].core.adopt("model-a", 0.0))
+            slow = asyncio.create_task(_stream_events(client, router.url, "model-a"))
+            await asyncio.sleep(0.5)
+            began = asyncio.get_running_loop().time()
+            async with client.post(router.url + "/v1/chat/completions", json={"model": "model-b", **CHAT}) as resp:
+                body = await resp.json()
+                assert resp.status == 503, body
+                assert int(resp.headers["Retry-After"]) >= 1
+            assert asyncio.get_running_loop().time() - began < 5.0
+            assert body["error"]["code"] == "queue_full"
+            assert "queue_max_wait_s=1" in body["error"]["message"]
+            events = await asyncio.wait_for(slow, 30)
+            assert events[-1] == "data: [DONE]", "the stream in flight was not disturbed"
+    finally:
+        await router.close()

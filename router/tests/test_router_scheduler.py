@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmstack_router.scheduler import (
+    CutInFlight,
     Grant,
     GroupScheduler,
     Phase,
@@ -29,6 +30,7 @@ class Harness:
     pending_load: StartLoad | None = None
     pending_unload: StartUnload | None = None
     loads: list[StartLoad] = field(default_factory=list)
+    cuts: list[CutInFlight] = field(default_factory=list)
 
     def take(self, actions: list) -> list:
         for action in actions:
@@ -43,6 +45,13 @@ class Harness:
                 self.loads.append(action)
             elif isinstance(action, StartUnload):
                 self.pending_unload = action
+            elif isinstance(action, CutInFlight):
+                # What the lane does: the cut requests are forgotten (their close releases nothing).
+                for ticket, (waiter, epoch) in list(self.granted.items()):
+                    if epoch == action.epoch:
+                        waiter.granted_epoch = None
+                        del self.granted[ticket]
+                self.cuts.append(action)
         return actions
 
     def ask(self, model: str) -> Waiter:
@@ -68,7 +77,8 @@ class Harness:
 
 
 def make(**kwargs) -> Harness:
-    params = {"queue_size": 8, "min_residency_s": 10.0, "idle_ttl_s": 0.0, **kwargs}
+    params = {"queue_size": 8, "min_residency_s": 10.0, "idle_ttl_s": 0.0, "drain_timeout_s": 1e9,
+              "queue_max_wait_s": 1e9, **kwargs}
     return Harness(GroupScheduler("gpu0", **params))
 
 
@@ -309,10 +319,13 @@ EVENTS = st.lists(st.tuples(st.sampled_from(["ask", "done", "cancel", "tick", "l
 @settings(max_examples=200, deadline=None)
 @given(EVENTS)
 def test_invariants_hold_for_any_event_sequence(events: list[tuple[str, str, float]]) -> None:
-    h = make(queue_size=6, min_residency_s=2.0, idle_ttl_s=7.0)
+    h = make(queue_size=6, min_residency_s=2.0, idle_ttl_s=7.0, drain_timeout_s=9.0, queue_max_wait_s=40.0)
     live: list[Waiter] = []
     for kind, model, dt in events:
         h.now += dt
+        wake = h.core.next_wake()
+        if wake is not None and wake <= h.now:  # what the lane's timer does
+            h.take(h.core.tick(h.now))
         if kind == "ask":
             live.append(h.ask(model))
         elif kind == "done" and h.granted:
@@ -339,6 +352,10 @@ def test_invariants_hold_for_any_event_sequence(events: list[tuple[str, str, flo
         assert core.in_flight == len(current)
         if core.phase == Phase.IDLE:
             assert not core.waiters, "idle with waiters: nobody would ever load them"
+        # Nothing a client does stalls the lane: no drain outlives its deadline, no waiter its maximum.
+        if core.phase == Phase.DRAINING and core.in_flight:
+            assert h.now < core.drain_started + core.drain_timeout_s
+        assert all(h.now < w.enqueued_at + core.queue_max_wait_s for w in core.waiters)
     # Drain: finishing loads and requests must resolve every waiter still queued.
     for _step in range(200):
         if h.pending_load:
@@ -350,3 +367,55 @@ def test_invariants_hold_for_any_event_sequence(events: list[tuple[str, str, flo
             h.pending_unload = None
             h.take(h.core.unload_finished(None, h.now))
     assert h.core.queue_depth() == 0
+
+
+def test_drain_deadline_cuts_requests_in_flight_and_the_swap_goes_on() -> None:
+    h = make(min_residency_s=0.0, drain_timeout_s=30.0)
+    a = h.ask("a")
+    h.finish_load()
+    h.now = 5.0
+    b = h.ask("b")
+    assert h.core.phase == Phase.DRAINING
+    assert h.core.next_wake() == 35.0, "the drain deadline is the lane timer's next wake"
+    h.advance(29.0)
+    assert h.pending_load is None
+    assert not h.cuts, "cut before the deadline"
+    h.advance(1.0)
+    assert [c.epoch for c in h.cuts] == [1]
+    assert "drain_timeout_s=30" in h.cuts[0].reason
+    assert h.pending_load == StartLoad("b", "a")
+    assert a.ticket not in h.granted
+    assert h.core.in_flight == 0
+    h.take(h.core.cancel(a, h.now))  # the cut request's handler closes its ticket: no double release
+    h.finish_load()
+    assert b.ticket in h.granted
+    assert h.core.in_flight == 1
+
+
+def test_queued_request_past_its_maximum_wait_gets_503_with_retry_after() -> None:
+    h = make(min_residency_s=0.0, queue_max_wait_s=60.0)
+    a = h.ask("a")
+    h.finish_load()
+    h.now = 10.0
+    b = h.ask("b")  # waits for a's drain; a never finishes (a client that never stops reading)
+    assert h.core.next_wake() == 70.0
+    h.advance(59.0)
+    assert b.ticket not in h.rejected
+    h.advance(1.0)
+    reject = h.rejected[b.ticket]
+    assert reject.timed_out
+    assert reject.retry_after_s == h.core.retry_after_s
+    assert "queue_max_wait_s=60" in reject.error
+    assert h.core.queue_depth() == 0
+    assert h.core.phase == Phase.READY, "nobody waits any more: the model is re-admitted"
+    assert a.ticket in h.granted
+
+
+def test_idle_lane_arms_no_deadline() -> None:
+    # Issue 14's hot path: the deadlines are only due while something drains or waits.
+    h = make(min_residency_s=0.0, drain_timeout_s=30.0, queue_max_wait_s=60.0)
+    a = h.ask("a")
+    h.finish_load()
+    assert h.core.next_wake() is None
+    h.done(a)
+    assert h.core.next_wake() is None

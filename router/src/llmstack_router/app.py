@@ -18,6 +18,7 @@ from .engines import upstream_headers
 from .group import Lane, LoadFailed, build_lanes
 from .metrics import Gauge, Metrics
 from .middleware import MODEL_ID, REQUEST_ID, STATUS, Keys, Need, access_log, auth, errors, request_ids
+from .reload import KEYS, reload_config
 from .responses import BadRequest, openai_error, sse_error
 from .scheduler import QueueFull
 from .upstream import Response as UpstreamResponse
@@ -215,6 +216,12 @@ class Router:
             # Prepared: aiohttp's finish_response (web_protocol.py) meets the closed transport and stops.
             prepared = request.get(STREAM)
             return prepared if prepared is not None else response
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if ticket.cut is None or task is None or task.uncancel():
+                raise  # the client left (or shutdown): not a drain-deadline cut
+            return await self._fail(request, request.get(STREAM, response), 503, ticket.cut, "server_error",
+                                    "drain_timeout", {"Retry-After": "1"})
         finally:
             self.in_flight[model.id] -= 1
             ticket.close()
@@ -228,10 +235,12 @@ class Router:
         except TimeoutError:
             raise ClientStalled("client stopped reading") from None
 
-    def _stream_response(self, request: web.Request, content_type: str) -> web.StreamResponse:
+    async def _open_stream(self, request: web.Request, content_type: str) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={
             "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
             "X-Request-Id": request[REQUEST_ID]})
+        await response.prepare(request)
+        # Recorded once prepared: a stalled client, a drain cut or an upstream failure writes its error here.
         request[STREAM] = response
         return response
 
@@ -249,8 +258,7 @@ class Router:
             if future.done():
                 break
             if response is None:
-                response = self._stream_response(request, "text/event-stream")
-                await response.prepare(request)
+                response = await self._open_stream(request, "text/event-stream")
             await self._send(response, f": loading {model.id} {time.monotonic() - began:.0f}s\n\n".encode())
         return response
 
@@ -307,8 +315,7 @@ class Router:
                                     "server_error", "upstream_error")
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
         if response is None:
-            response = self._stream_response(request, content_type)
-            await response.prepare(request)
+            response = await self._open_stream(request, content_type)
         request[STATUS] = 200
         if upstream.status != 200:
             detail = (await upstream.read()).decode(errors="replace")[:2000]
@@ -439,9 +446,11 @@ def create_app(config: RouterConfig, probe: VramProbe | None = None) -> web.Appl
     router = Router(config, probe)
     routes = route_table(router)
     needs = {path: need for _method, path, _handler, need in routes}
-    middlewares = [request_ids, access_log(router.metrics), errors, auth(Keys(config.auth), needs)]
+    keys = Keys(config.auth)
+    middlewares = [request_ids, access_log(router.metrics), errors, auth(keys, needs)]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[ROUTER_KEY] = router
+    app[KEYS] = keys  # SIGHUP replaces the keys in place (reload.py)
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
     for method, path, handler, _need in routes:
@@ -508,13 +517,15 @@ async def serve(config: RouterConfig, runner: web.AppRunner) -> asyncio.Server:
                                     reuse_address=True, backlog=1024)
 
 
-def run(config: RouterConfig) -> None:
-    """What web.run_app did, with the connection limit: serve until SIGTERM/SIGINT, then clean up."""
+def run(config: RouterConfig, config_path: str | None = None) -> None:
+    """What web.run_app did, with the connection limit: serve until SIGTERM/SIGINT, then clean up.
+    SIGHUP reloads ``config_path`` in place (reload.py); without a handler its default action kills us."""
 
     async def main() -> None:
         # handler_cancellation: a client that disconnects cancels its handler, which is what
         # drops it from the queue or closes its upstream request.
-        runner = web.AppRunner(create_app(config), access_log=None, handler_cancellation=True,
+        app = create_app(config)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         listener = await serve(config, runner)
@@ -522,6 +533,8 @@ def run(config: RouterConfig) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload_config, app, config_path)
         try:
             await stop.wait()
         finally:

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     atexit.register(kill_all_spawned)
     logging.getLogger("llmstack_router").info("listening on %s:%d", config.host, config.port)
-    run(config)  # app.py: web.run_app's loop plus the connection limit (limits.max_connections)
+    # app.py: web.run_app's loop plus the connection limit (limits.max_connections) and SIGHUP (reload.py).
+    run(config, args.config)
     return 0
 
 

@@ -91,6 +91,9 @@ class GroupSpec:
     vram_mib: int | None = None
     vram_release_timeout_s: float = 30.0
     vram_release_slack_mib: int = 512
+    # Deadlines that keep one client from stalling the group (scheduler.GroupScheduler).
+    drain_timeout_s: float = 300.0
+    queue_max_wait_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -421,6 +424,8 @@ def _group(name: str, raw: Any) -> GroupSpec:
                                              minimum=0.1),
         # An explicit null means 0 here (no slack), unlike the other keys, where it means the default.
         vram_release_slack_mib=reader.integer("vram_release_slack_mib", GroupSpec.vram_release_slack_mib) or 0,
+        drain_timeout_s=reader.number("drain_timeout_s", GroupSpec.drain_timeout_s, minimum=0.1),
+        queue_max_wait_s=reader.number("queue_max_wait_s", GroupSpec.queue_max_wait_s, minimum=0.1),
     )
     reader.finish()
     return spec

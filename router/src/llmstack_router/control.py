@@ -32,8 +32,9 @@ class Controller(Protocol):
     async def stop(self, timeout_s: float) -> None:
         """Return only once every process of the backend is gone; raise ControlError otherwise."""
 
-    async def failure(self) -> str | None:
-        """Why the backend is known to be down (exited, unit failed), else None."""
+    async def failure(self, loading: bool = False) -> str | None:
+        """Why the backend is known to be down (exited, unit failed), else None. ``loading``: the
+        router is starting it (a unit waiting to auto-restart is then on its way up)."""
 
     async def last_logs(self, lines: int = 20) -> str: ...
 
@@ -49,7 +50,7 @@ class ExternalController:
     async def stop(self, timeout_s: float) -> None:
         return None
 
-    async def failure(self) -> str | None:
+    async def failure(self, loading: bool = False) -> str | None:
         return None
 
     async def last_logs(self, lines: int = 20) -> str:
@@ -158,7 +159,7 @@ class CommandController:
         self._stopping = True
         self._signal_group(signal.SIGKILL)
 
-    async def failure(self) -> str | None:
+    async def failure(self, loading: bool = False) -> str | None:
         if self.proc is not None and self.proc.returncode is not None:
             return f"process exited with code {self.proc.returncode}"
         return None
@@ -183,23 +184,40 @@ async def _run(argv: list[str], timeout_s: float) -> tuple[int, str]:
 class UnitController:
     """``systemctl start/stop`` of one unit named in the config (never from a request)."""
 
+    # Where the cgroup tree is mounted; the tests point it at their fake systemctl's tree.
+    cgroup_root: ClassVar[Path] = Path("/sys/fs/cgroup")
+
     def __init__(self, spec: UnitControl, systemctl: tuple[str, ...], journalctl: tuple[str, ...]) -> None:
         self.unit = spec.unit
         self.description = f"unit {spec.unit}"
         self.systemctl = list(systemctl)
         self.journalctl = list(journalctl)
+        # The unit's state as last seen (systemctl show), for /status. Writer: show().
+        self.last_state: dict[str, str] = {}
+        self.resets = 0  # how often the router cleared a start limit (reset-failed). Writer: start().
 
     async def start(self) -> None:
+        # A unit that hit its start limit refuses every start until reset-failed; the router's
+        # next try (a new request) clears it once, so one crash loop does not lock the model out.
+        props = await self.show()
+        if props.get("Result") == "start-limit-hit":
+            code, out = await _run([*self.systemctl, "reset-failed", self.unit], 30.0)
+            if code != 0:
+                raise ControlError(f"{self.unit} hit its start limit and systemctl reset-failed failed ({code}): {out}")
+            self.resets += 1
+            log.warning("cleared the start limit of %s (reset-failed) before starting it again", self.unit)
         code, out = await _run([*self.systemctl, "start", "--no-block", self.unit], 60.0)
         if code != 0:
             raise ControlError(f"systemctl start {self.unit} failed ({code}): {out}")
 
     async def show(self) -> dict[str, str]:
-        code, out = await _run([*self.systemctl, "show", "--property=ActiveState,SubState,MainPID,ControlGroup",
+        code, out = await _run([*self.systemctl, "show",
+                                "--property=ActiveState,SubState,Result,MainPID,ControlGroup,NRestarts",
                                 self.unit], 30.0)
         if code != 0:
             raise ControlError(f"systemctl show {self.unit} failed ({code}): {out}")
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        self.last_state = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        return self.last_state
 
     async def stop(self, timeout_s: float) -> None:
         # systemd itself escalates to SIGKILL after the unit's TimeoutStopSec; we confirm the
@@ -217,14 +235,26 @@ class UnitController:
                 raise ControlError(f"{self.unit} still has processes {timeout_s:.0f}s after stop: {props}")
             await asyncio.sleep(0.1)
 
-    async def failure(self) -> str | None:
+    async def failure(self, loading: bool = False) -> str | None:
+        """Lost, not ready: failed, dead, or crashed and waiting to auto-restart (``activating
+        (auto-restart)``: its main process is gone; whatever comes back has lost our requests).
+        While the router loads it, auto-restart is systemd bringing it up (our start job waits for
+        the restart timer); ready_timeout_s and the start limit bound that."""
         props = await self.show()
-        if props.get("ActiveState") == "failed" or (
-            props.get("ActiveState") == "inactive" and props.get("SubState") in ("dead", "failed")
-            and props.get("MainPID", "0") == "0"
+        active, sub, result = props.get("ActiveState"), props.get("SubState"), props.get("Result", "")
+        if result == "start-limit-hit":
+            return (f"unit {self.unit} is {active}/{sub}, Result=start-limit-hit: systemd refuses to start it "
+                    f"until reset-failed (the router clears it on the next try; see the unit's journal)")
+        if active == "failed" or (active == "activating" and sub == "auto-restart" and not loading) or (
+            active == "inactive" and sub in ("dead", "failed") and props.get("MainPID", "0") == "0"
         ):
-            return f"unit {self.unit} is {props.get('ActiveState')}/{props.get('SubState')}"
+            why = f", Result={result}" if result not in ("", "success") else ""
+            return f"unit {self.unit} is {active}/{sub}{why}"
         return None
+
+    def status(self) -> dict[str, str]:
+        return {k: self.last_state[k] for k in ("ActiveState", "SubState", "Result", "NRestarts")
+                if k in self.last_state}
 
     async def last_logs(self, lines: int = 20) -> str:
         code, out = await _run([*self.journalctl, "-u", self.unit, "-n", str(lines), "--no-pager", "-o", "cat"], 15.0)
@@ -234,7 +264,7 @@ class UnitController:
 def _cgroup_has_processes(control_group: str) -> bool:
     if not control_group:
         return False
-    procs = Path("/sys/fs/cgroup") / control_group.lstrip("/") / "cgroup.procs"
+    procs = UnitController.cgroup_root / control_group.lstrip("/") / "cgroup.procs"
     try:
         return bool(procs.read_text().strip())
     except OSError:

@@ -17,16 +17,18 @@ from typing import Any
 import aiohttp
 
 from .config import BackendSpec, GroupSpec, ModelSpec, RouterConfig
-from .control import ControlError, make_controller
+from .control import ControlError, UnitController, make_controller
 from .engines import make_engine
 from .metrics import Metrics
 from .scheduler import (
     Action,
+    CutInFlight,
     Grant,
     GroupScheduler,
     LaneState,
     Phase,
     QueueFull,
+    QueueTimeout,
     Reject,
     StartLoad,
     StartUnload,
@@ -45,11 +47,16 @@ class LoadFailed(RuntimeError):
 
 
 class Ticket:
-    """A request's place in a lane: wait on ``future``, then ``close()`` exactly once (finally)."""
+    """A request's place in a lane: wait on ``future``, then ``close()`` exactly once (finally).
+
+    ``cut`` is set (with the reason) when the drain deadline cut the request: its task is then
+    cancelled, and the handler answers with an error event instead of dying silently."""
 
     def __init__(self, lane: Lane, waiter: Waiter, future: asyncio.Future[int]) -> None:
         self.lane, self.waiter, self.future = lane, waiter, future
+        self.task = asyncio.current_task()
         self.closed = False
+        self.cut: str | None = None
 
     def result(self) -> int:
         return self.future.result()
@@ -59,6 +66,7 @@ class Ticket:
             return
         self.closed = True
         self.lane.futures.pop(self.waiter, None)
+        self.lane.serving.pop(self.waiter, None)
         if not self.future.done():
             self.future.cancel()
         self.lane.cancel(self.waiter)
@@ -74,7 +82,8 @@ class Lane:
         self.loop = asyncio.get_running_loop()
         # The scheduler: read here, written only through its event methods, only from ``apply``'s callers.
         self.core = GroupScheduler(name, queue_size=group.queue_size, min_residency_s=group.min_residency_s,
-                                   idle_ttl_s=group.idle_ttl_s)
+                                   idle_ttl_s=group.idle_ttl_s, drain_timeout_s=group.drain_timeout_s,
+                                   queue_max_wait_s=group.queue_max_wait_s)
         self.backends: dict[str, BackendRuntime] = {
             b.name: BackendRuntime(b, make_controller(b, config, lambda code, name=b.name: self._exited(name, code)),
                                    make_engine(b, session))
@@ -82,7 +91,9 @@ class Lane:
         self.models: dict[str, ModelSpec] = {m.id: m for b in backends for m in b.models}
         self.swapper = Swapper(name, group, config, probe, metrics, self.backends, self.models,
                                lambda: held_elsewhere(self), self.now)
-        self.futures: dict[Waiter, asyncio.Future[int]] = {}
+        # Queued tickets (granted: moved to ``serving``, which the drain deadline cuts).
+        self.futures: dict[Waiter, Ticket] = {}
+        self.serving: dict[Waiter, Ticket] = {}
         self.history: deque[SwapRecord] = deque(maxlen=20)
         self.tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -99,22 +110,37 @@ class Lane:
     def apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Grant):
-                future = self.futures.pop(action.waiter, None)
+                ticket = self.futures.pop(action.waiter, None)
                 # A future already cancelled means its client left; Ticket.close() (always run
                 # by the handler) releases the grant, so nothing to hand back here.
-                if future is not None and not future.done():
-                    future.set_result(action.epoch)
+                if ticket is not None and not ticket.future.done():
+                    ticket.future.set_result(action.epoch)
+                    self.serving[action.waiter] = ticket
             elif isinstance(action, Reject):
-                future = self.futures.pop(action.waiter, None)
-                if future is not None and not future.done():
-                    error: Exception = (QueueFull(action.retry_after_s) if action.retry_after_s is not None
+                ticket = self.futures.pop(action.waiter, None)
+                if ticket is not None and not ticket.future.done():
+                    error: Exception = (QueueTimeout(action.retry_after_s or 1, action.error) if action.timed_out
+                                        else QueueFull(action.retry_after_s) if action.retry_after_s is not None
                                         else LoadFailed(action.error))
-                    future.set_exception(error)
+                    ticket.future.set_exception(error)
+            elif isinstance(action, CutInFlight):
+                self._cut(action)
             elif isinstance(action, StartLoad):
                 self._spawn(self._load(action.target, action.previous))
             elif isinstance(action, StartUnload):
                 self._spawn(self._unload(action.model))
         self._arm_timer()
+
+    def _cut(self, action: CutInFlight) -> None:
+        log.warning(action.reason, extra={"lane": self.name})
+        for waiter, ticket in list(self.serving.items()):
+            if waiter.granted_epoch == action.epoch:
+                # The scheduler forgot this grant (epoch+1): a later close must release nothing.
+                waiter.granted_epoch = None
+                del self.serving[waiter]
+                ticket.cut = action.reason
+                if ticket.task is not None:
+                    ticket.task.cancel()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -140,8 +166,8 @@ class Lane:
     def enqueue(self, model_id: str) -> Ticket:
         waiter = Waiter(model_id, self.now())
         future: asyncio.Future[int] = self.loop.create_future()
-        self.futures[waiter] = future
         ticket = Ticket(self, waiter, future)
+        self.futures[waiter] = ticket
         self.apply(self.core.acquire(waiter, self.now()))
         return ticket
 
@@ -200,6 +226,15 @@ class Lane:
         for task in list(self.tasks):
             task.cancel()
 
+    def reconfigure(self, group: GroupSpec) -> None:
+        """SIGHUP (reload.py): new scheduling settings; requests queued and in flight stay."""
+        self.group = self.swapper.group = group  # the swapper reads the VRAM settings from it
+        core = self.core
+        core.queue_size, core.min_residency_s = group.queue_size, group.min_residency_s
+        core.idle_ttl_s = group.idle_ttl_s
+        core.drain_timeout_s, core.queue_max_wait_s = group.drain_timeout_s, group.queue_max_wait_s
+        self.apply(core.tick(self.now()))
+
     def status(self) -> dict[str, Any]:
         state = self.snapshot()
         return {
@@ -215,6 +250,9 @@ class Lane:
             "models": sorted(self.models),
             "backends": {name: runtime.engine.status() for name, runtime in self.backends.items()
                          if runtime.engine.status()},
+            # systemd's view of each unit backend as last seen: a start-limit-hit shows here.
+            "units": {name: runtime.controller.status() for name, runtime in self.backends.items()
+                      if isinstance(runtime.controller, UnitController) and runtime.controller.status()},
             "last_swaps": [r.as_dict() for r in list(self.history)[-5:]],
         }
 

@@ -23,9 +23,13 @@ class Phase(StrEnum):
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"queue full, retry after {retry_after_s}s")
+    def __init__(self, retry_after_s: int, message: str | None = None) -> None:
+        super().__init__(message or f"queue full, retry after {retry_after_s}s")
         self.retry_after_s = retry_after_s
+
+
+class QueueTimeout(QueueFull):
+    """A queued request waited ``queue_max_wait_s``: 503 with Retry-After, like a full queue."""
 
 
 @dataclass(eq=False)
@@ -49,6 +53,16 @@ class Reject:
     waiter: Waiter
     error: str
     retry_after_s: int | None = None
+    timed_out: bool = False  # waited queue_max_wait_s (else: queue full, or the load failed)
+
+
+@dataclass(frozen=True)
+class CutInFlight:
+    """The drain deadline passed: every request granted in ``epoch`` is cut with ``reason``.
+    The scheduler has already forgotten them (epoch+1), so the swap goes on at once."""
+
+    epoch: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,7 @@ class StartUnload:
     model: str
 
 
-Action = Grant | Reject | StartLoad | StartUnload
+Action = Grant | Reject | StartLoad | StartUnload | CutInFlight
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,11 @@ class GroupScheduler:
     queue_size: int
     min_residency_s: float
     idle_ttl_s: float
+    # Nothing a client does stalls the lane: a drain lasts at most drain_timeout_s (then the
+    # requests still in flight are cut), a request waits in the queue at most queue_max_wait_s.
+    # Both are deadlines of the one lane timer (next_wake), never a timer per request.
+    drain_timeout_s: float
+    queue_max_wait_s: float
     # State: written only by the event methods below.
     phase: Phase = Phase.IDLE
     active: str | None = None
@@ -105,6 +124,7 @@ class GroupScheduler:
     loaded_at: float = 0.0
     last_used: float = 0.0
     unload_requested: bool = False
+    drain_started: float = 0.0  # when the current drain began (phase became DRAINING)
     waiters: deque[Waiter] = field(default_factory=deque)
     swaps: int = 0
     last_error: str | None = None
@@ -122,13 +142,16 @@ class GroupScheduler:
 
     def next_wake(self) -> float | None:
         """When the driver must call ``tick`` even if no other event arrives."""
-        if self.phase != Phase.READY:
-            return None
         times = []
-        if any(w.model != self.active for w in self.waiters) or self.unload_requested:
-            times.append(self.loaded_at + self.min_residency_s)
-        if self.idle_ttl_s > 0 and self.in_flight == 0 and not self.waiters:
-            times.append(self.last_used + self.idle_ttl_s)
+        if self.phase == Phase.READY:
+            if any(w.model != self.active for w in self.waiters) or self.unload_requested:
+                times.append(self.loaded_at + self.min_residency_s)
+            if self.idle_ttl_s > 0 and self.in_flight == 0 and not self.waiters:
+                times.append(self.last_used + self.idle_ttl_s)
+        if self.phase == Phase.DRAINING and self.in_flight > 0:
+            times.append(self.drain_started + self.drain_timeout_s)
+        if self.waiters:  # FIFO: the head is the oldest waiter, the first to time out
+            times.append(self.waiters[0].enqueued_at + self.queue_max_wait_s)
         return min(times) if times else None
 
     # ---- events --------------------------------------------------------------------------
@@ -244,8 +267,30 @@ class GroupScheduler:
         waiter.granted_epoch = self.epoch
         return Grant(waiter, self.epoch)
 
-    def _advance(self, now: float) -> list[Action]:
+    def _expire(self, now: float) -> list[Action]:
+        """Queued requests past queue_max_wait_s get 503 + Retry-After (oldest first, FIFO)."""
         actions: list[Action] = []
+        while self.waiters and now >= self.waiters[0].enqueued_at + self.queue_max_wait_s:
+            waiter = self.waiters.popleft()
+            actions.append(Reject(waiter, f"GPU group {self.name}: waited {now - waiter.enqueued_at:.0f}s for "
+                                          f"model {waiter.model} (queue_max_wait_s={self.queue_max_wait_s:g})",
+                                  retry_after_s=self.retry_after_s, timed_out=True))
+        return actions
+
+    def _cut_overdue_drain(self, now: float) -> list[Action]:
+        """Past the drain deadline the requests still in flight are cut and forgotten."""
+        if (self.phase != Phase.DRAINING or self.in_flight == 0
+                or now < self.drain_started + self.drain_timeout_s):
+            return []
+        cut = CutInFlight(self.epoch, f"GPU group {self.name}: cut after {now - self.drain_started:.0f}s of "
+                                      f"draining {self.active} (drain_timeout_s={self.drain_timeout_s:g}); "
+                                      f"retry the request")
+        self.in_flight = 0
+        self.epoch += 1
+        return [cut]
+
+    def _advance(self, now: float) -> list[Action]:
+        actions: list[Action] = self._expire(now)
         if (self.phase == Phase.DRAINING and not self.unload_requested
                 and not any(w.model != self.active for w in self.waiters)):
             self.phase = Phase.READY  # whoever we drained for left the queue
@@ -257,6 +302,7 @@ class GroupScheduler:
             if ((others_wait or self.unload_requested) and residency_over) or ttl_over:
                 self.unload_requested = self.unload_requested or ttl_over
                 self.phase = Phase.DRAINING
+                self.drain_started = now
             else:
                 # Same-model waiters can exist only if they queued while it was not admitting.
                 for waiter in [w for w in self.waiters if w.model == self.active]:
@@ -264,6 +310,7 @@ class GroupScheduler:
                         break
                     self.waiters.remove(waiter)
                     actions.append(self._grant(waiter, now))
+        actions += self._cut_overdue_drain(now)
         if self.phase == Phase.DRAINING and self.in_flight == 0:
             head = self.waiters[0].model if self.waiters else None
             if head is not None and head == self.active:
@@ -272,6 +319,7 @@ class GroupScheduler:
                 waiter = self.waiters.popleft()
                 actions.append(self._grant(waiter, now))
                 self.phase = Phase.DRAINING
+                self.drain_started = now  # its own full drain window
             elif head is not None:
                 self.phase, self.target = Phase.LOADING, head
                 self.unload_requested = False

@@ -210,7 +210,7 @@ class Swapper:
             if await check():
                 return
             if self.now() >= next_failure_check:
-                failure = await backend.controller.failure()
+                failure = await backend.controller.failure(loading=True)
                 if failure is not None:
                     raise SwapError(f"backend {backend.spec.name} failed while loading {target.id}: {failure}",
                                     active_on_failure)
