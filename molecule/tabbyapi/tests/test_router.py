@@ -173,3 +173,49 @@ def test_streaming_through_the_router(host) -> None:
     events = [line for line in out.stdout.splitlines() if line.startswith("data: ")]
     assert len(events) >= 2
     assert events[-1] == "data: [DONE]"
+
+
+def test_polkit_rule_allows_reset_failed_of_the_backends_only(host) -> None:
+    denied = host.run("runuser -u llmrouter -- systemctl reset-failed ssh.service")
+    assert denied.rc != 0
+    assert "Interactive authentication required" in denied.stderr or "Access denied" in denied.stderr
+    allowed = host.run("runuser -u llmrouter -- systemctl reset-failed llamacpp@smollm2-bin.service")
+    assert allowed.rc == 0, allowed.stderr
+
+
+def test_start_limit_hit_unit_is_reported_and_cleared_by_the_router(host) -> None:
+    # Real systemd: restart the unit past StartLimitBurst (5 per 600 s) so it is refused with
+    # Result=start-limit-hit; the router's next load clears it (reset-failed via polkit) and serves.
+    unit = "llamacpp@smollm2-bin.service"
+    for _attempt in range(12):
+        if host.run(f"systemctl show -p Result --value {unit}").stdout.strip() == "start-limit-hit":
+            break
+        host.run(f"systemctl restart {unit}")
+    assert host.run(f"systemctl show -p Result --value {unit}").stdout.strip() == "start-limit-hit"
+    assert host.run(f"systemctl is-failed {unit}").stdout.strip() == "failed"
+    since = host.run("date +%s").stdout.strip()
+    code, body = chat(host, "smollm2-135m-instruct-bin")
+    assert code == 200, body
+    assert active_units(host) == [unit]
+    journal = host.run(f"journalctl -u llmrouter.service --since @{since} --no-pager -o cat").stdout
+    assert f"cleared the start limit of {unit}" in journal
+
+
+def test_systemctl_reload_keeps_a_request_in_flight(host) -> None:
+    # The request needs a swap (the other model is up), so it is in flight (queued, then streamed)
+    # while systemd runs ExecReload (--check, then SIGHUP).
+    pid = host.run("systemctl show -p MainPID --value llmrouter.service").stdout.strip()
+    since = host.run("date +%s").stdout.strip()
+    body = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 64, "stream": True,
+                       "messages": [{"role": "user", "content": "Count to twenty."}]})
+    curl = shlex.join(["curl", "-sN", "-m", "300", "-H", f"Authorization: Bearer {API_KEY}",
+                       "-H", "Content-Type: application/json", "-d", body, ROUTER + "/v1/chat/completions"])
+    out = host.run(f"{curl} > /tmp/reload-stream.out & sleep 0.3; systemctl reload llmrouter.service; "
+                   f"echo reload=$?; wait; cat /tmp/reload-stream.out")
+    assert "reload=0" in out.stdout, out.stderr
+    events = [line for line in out.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", out.stdout[-500:]
+    assert not any('"error"' in event for event in events)
+    assert host.run("systemctl show -p MainPID --value llmrouter.service").stdout.strip() == pid
+    journal = host.run(f"journalctl -u llmrouter.service --since @{since} --no-pager -o cat").stdout
+    assert "config reloaded from" in journal
