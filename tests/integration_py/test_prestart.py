@@ -467,7 +467,7 @@ def test_na_free_vram_is_unknown_and_a_zero_minimum_reads_none(guard: Guard, fak
     ("box", "message"),
     [
         ("fallen_off_bus", "failed with exit code 15: Unable to determine the device handle for GPU 0000:0B:00.0"),
-        ("gpu_is_lost", "exit code 15: Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost"),
+        ("gpu_is_lost", "exit code 15: Unable to determine the device handle for GPU 0000:02:00.0: GPU is lost"),
         ("driver_library_mismatch", "exit code 18: Failed to initialize NVML: Driver/library version mismatch"),
         ("driver_unreachable", "failed with exit code 9: NVIDIA-SMI has failed because it couldn't communicate"),
     ],
