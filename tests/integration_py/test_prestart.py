@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -604,3 +605,31 @@ def test_refuses_to_run_unprivileged(guard: Guard, workdir: Path) -> None:
     )
     assert proc.returncode == 2
     assert "must run as root" in proc.stdout
+
+
+ROLE_VALIDATION = """
+- name: Validate the guard variables
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Run the role's argument checks only
+      ansible.builtin.include_role:
+        name: llmstack.inference.service_guard
+        tasks_from: validate
+"""
+
+
+def test_role_refuses_root_as_the_service_user(tmp_path: Path) -> None:
+    """Argument validation, on the controller: the guard would stop any root process as a "leftover"."""
+    repo = SCRIPT.parents[3]
+    playbook = tmp_path / "validate.yml"
+    playbook.write_text(ROLE_VALIDATION)
+    extra = {"service_guard_user": "root", "service_guard_instances": [{"unit": "sgtest.service", "ports": [8080]}]}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         "-e", json.dumps(extra), str(playbook)],
+        cwd=repo, env=dict(os.environ, ANSIBLE_CONFIG=str(repo / "ansible.cfg"), ANSIBLE_NOCOLOR="1"),
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 2, proc.stdout
+    assert "service_guard_user is 'root': the guarded unit must run as an unprivileged system user" in proc.stdout
