@@ -191,9 +191,16 @@ def test_guard_never_touches_a_running_template_sibling(host) -> None:
         cursor = host.run("journalctl -n0 --show-cursor -o cat").stdout.strip().rpartition("cursor: ")[2]
         restart = host.run("systemctl restart llamacpp@smollm2.service")
         assert restart.rc != 0, "the guard let smollm2 start on its sibling's port"
-        journal = host.run(f"journalctl -u llamacpp@smollm2.service --after-cursor={shlex.quote(cursor)} -o cat")
         expected = f"port 8081 is held by PID {sibling_pid} of unit {sibling} (user llamacpp)"
-        assert expected in journal.stdout, journal.stdout
+        journal = ""
+        for _attempt in range(20):  # journald stores the guard's lines asynchronously
+            journal = host.run(
+                f"journalctl -u llamacpp@smollm2.service --after-cursor={shlex.quote(cursor)} -o cat"
+            ).stdout
+            if expected in journal:
+                break
+            time.sleep(0.5)
+        assert expected in journal, journal
         assert main_pid(host, sibling) == sibling_pid, "the sibling's main PID changed"
         assert _serving(host, "smollm2-bin", timeout_s=5)
     finally:
