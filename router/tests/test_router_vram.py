@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from pathlib import Path
 
@@ -52,10 +51,7 @@ def test_a_line_that_is_no_gpu_row_is_a_probe_error() -> None:
 @pytest.fixture
 def probe_for(tmp_path: Path):
     def make(box: str) -> NvidiaSmiProbe:
-        tool = tmp_path / "nvidia-smi"
-        tool.symlink_to(FIXTURES / "nvidia_smi.py")
-        (tmp_path / "box.json").write_text(json.dumps({"box": box}))
-        return NvidiaSmiProbe(binary=str(tool), timeout_s=10.0)
+        return NvidiaSmiProbe(binary=str(corpus.install(tmp_path, box)), timeout_s=10.0)
 
     return make
 

@@ -10,6 +10,7 @@ hardware we lack, the GPU, is emulated by a fake `nvidia-smi` written per test (
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pwd
@@ -53,7 +54,11 @@ LISTENER = textwrap.dedent(
 )
 
 # The GPU is emulated by the shared corpus of recorded nvidia-smi outputs (tests/fixtures/nvidia_smi).
-EMULATOR = Path(__file__).resolve().parents[2] / "tests/fixtures/nvidia_smi/nvidia_smi.py"
+_SPEC = importlib.util.spec_from_file_location(
+    "nvidia_smi_corpus", Path(__file__).resolve().parents[2] / "tests/fixtures/nvidia_smi/nvidia_smi.py"
+)
+corpus = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(corpus)
 
 
 @dataclass
@@ -351,13 +356,9 @@ def test_vram_minimum_without_nvidia_smi_fails(guard: Guard) -> None:
 @pytest.fixture
 def fake_gpu(guard: Guard, workdir: Path):
     """Installs the corpus emulator as nvidia-smi; returns a function that picks its box and live apps."""
-    tool = workdir / "gpu" / "nvidia-smi"
-    tool.parent.mkdir()
-    tool.symlink_to(EMULATOR)
-    guard.nvidia_smi = str(tool)
 
     def set_state(box: str, apps: list[dict] | None = None) -> None:
-        (tool.parent / "box.json").write_text(json.dumps({"box": box, "apps": apps or []}))
+        guard.nvidia_smi = str(corpus.install(workdir / "gpu", box, apps, python=SYSTEM_PYTHON))
 
     return set_state
 
