@@ -41,6 +41,10 @@ UNAVAILABLE_VALUES = {
 }
 
 DRIVER_UNREACHABLE_MARK = "couldn't communicate with the nvidia driver"
+# A kernel module that is not the version of the user-space library (a driver upgrade without reboot).
+VERSION_MISMATCH_MARK = "driver/library version mismatch"
+# A GPU that fell off the bus or is lost (Xid 79): nvidia-smi cannot open it, the others still answer.
+DEVICE_HANDLE_MARK = "unable to determine the device handle"
 NO_DEVICES_MARK = "no devices were found"
 INVALID_FIELD_MARK = "is not a valid field to query"
 
@@ -121,6 +125,17 @@ def failure_reason(rc: int, stdout: str, stderr: str) -> str | None:
             "nvidia-smi could not communicate with the NVIDIA driver: the kernel module is not loaded "
             "or does not match the user-space driver (reboot after a driver upgrade, or install the "
             "driver with the nvidia.nvidia_driver role)"
+        )
+    if VERSION_MISMATCH_MARK in lowered:
+        return (
+            "nvidia-smi: the loaded NVIDIA kernel module does not match the user-space driver library "
+            "(Driver/library version mismatch, usually a driver upgrade without a reboot): reboot the node"
+        )
+    if DEVICE_HANDLE_MARK in lowered:
+        line = next(line for line in text.splitlines() if DEVICE_HANDLE_MARK in line.lower())
+        return (
+            "nvidia-smi failed with exit code %d: %s: a GPU has fallen off the bus or is lost; check dmesg for "
+            "Xid 79 and reboot or reset that GPU" % (rc, line.strip())
         )
     if NO_DEVICES_MARK in lowered:
         return "nvidia-smi found no NVIDIA devices (none installed, or hidden from this host or container)"

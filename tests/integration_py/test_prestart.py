@@ -10,14 +10,15 @@ hardware we lack, the GPU, is emulated by a fake `nvidia-smi` written per test (
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pwd
 import shutil
 import signal
 import socket
-import stat
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -52,42 +53,12 @@ LISTENER = textwrap.dedent(
     """
 )
 
-# Emulates the two nvidia-smi queries the guard makes, for hosts without an NVIDIA GPU. The state
-# file lists GPUs (index, free MiB) and compute apps (pid, used MiB); an app whose process has
-# exited no longer shows and its memory counts as free again, as the driver does.
-FAKE_NVIDIA_SMI = textwrap.dedent(
-    """\
-    #!/usr/bin/python3
-    \"\"\"Emulated nvidia-smi (tests only: this machine has no NVIDIA GPU).\"\"\"
-    import json, os, sys
-    state = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "state.json")))
-    args = sys.argv[1:]
-    selected = None
-    ids = [a.split("=", 1)[1] for a in args if a.startswith("--id=")]
-    if ids:
-        # Indexes and UUIDs, as the real --id takes them.
-        tokens = set(ids[0].split(","))
-        selected = {g["index"] for g in state["gpus"] if str(g["index"]) in tokens or g.get("uuid") in tokens}
-    def running(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-    apps = [a for a in state["apps"] if selected is None or a["gpu"] in selected]
-    query = next(a.split("=", 1)[1] for a in args if a.startswith("--query-"))
-    if any(a.startswith("--query-compute-apps") for a in args):
-        for app in apps:
-            if running(app["pid"]):
-                print(f"{app['pid']}, {app['used']}")
-    else:
-        for gpu in state["gpus"]:
-            if selected is not None and gpu["index"] not in selected:
-                continue
-            released = sum(a["used"] for a in apps if a["gpu"] == gpu["index"] and not running(a["pid"]))
-            print(f"{gpu['index']}, {gpu['free'] + released}")
-    """
+# The GPU is emulated by the shared corpus of recorded nvidia-smi outputs (tests/fixtures/nvidia_smi).
+_SPEC = importlib.util.spec_from_file_location(
+    "nvidia_smi_corpus", Path(__file__).resolve().parents[2] / "tests/fixtures/nvidia_smi/nvidia_smi.py"
 )
+corpus = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(corpus)
 
 
 @dataclass
@@ -384,69 +355,197 @@ def test_vram_minimum_without_nvidia_smi_fails(guard: Guard) -> None:
 
 @pytest.fixture
 def fake_gpu(guard: Guard, workdir: Path):
-    """Installs the emulated nvidia-smi and returns a function that sets its state."""
-    tool = workdir / "gpu" / "nvidia-smi"
-    tool.parent.mkdir()
-    tool.write_text(FAKE_NVIDIA_SMI)
-    tool.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-    guard.nvidia_smi = str(tool)
+    """Installs the corpus emulator as nvidia-smi; returns a function that picks its box and live apps."""
 
-    def set_state(gpus: list[dict], apps: list[dict]) -> None:
-        (tool.parent / "state.json").write_text(json.dumps({"gpus": gpus, "apps": apps}))
+    def set_state(box: str, apps: list[dict] | None = None) -> None:
+        guard.nvidia_smi = str(corpus.install(workdir / "gpu", box, apps, python=SYSTEM_PYTHON))
 
     return set_state
+
+
+GPU0 = "GPU-a41f0c7e-6b2d-93e5-0d8c-5f1b7e3a2c94"  # rtx5090_4090: the 5090, 30603 MiB free
+GPU1 = "GPU-0c5d9e3b-8a17-f24c-6e0d-b3a9c1f7e528"  # rtx5090_4090: the 4090, 24060 MiB free
+
+
+def _app(proc: subprocess.Popen[str], gpu_uuid: str, used: int | str) -> dict:
+    return {"pid": str(proc.pid), "gpu_uuid": gpu_uuid, "used_memory": str(used)}
 
 
 def test_gpu_leftover_of_service_user_is_stopped_and_vram_rechecked(guard: Guard, users, processes, fake_gpu) -> None:
     leftover = _spawn(processes, users["service"], _free_port())
     foreign = _spawn(processes, users["other"], _free_port())
-    fake_gpu(
-        gpus=[{"index": 0, "free": 1000}, {"index": 1, "free": 500}],
-        apps=[{"gpu": 0, "pid": leftover.pid, "used": 20000}, {"gpu": 1, "pid": foreign.pid, "used": 3000}],
-    )
-    guard.min_free_vram_mib = 20000
+    fake_gpu("rtx5090_4090", [_app(leftover, GPU0, 20000), _app(foreign, GPU1, 3000)])
+    guard.min_free_vram_mib = 40000
     guard.gpus = [0]
     result = guard.run()
     assert result.returncode == 0, result.output
     assert not _running(leftover)
     assert _running(foreign), "GPU processes of other users are not the guard's business"
     assert f"stopping leftover PID {leftover.pid} of user {users['service']} (GPU memory (20000 MiB))" in result.output
-    assert "free VRAM 21000 MiB >= required 20000 MiB" in result.output
+    assert "GPU 0: 50603 MiB free" in result.output
+    assert "free VRAM >= required 40000 MiB on each GPU (0)" in result.output
 
 
-def test_insufficient_vram_fails(guard: Guard, users, processes, fake_gpu) -> None:
+def test_insufficient_vram_fails_on_the_gpu_that_lacks_it(guard: Guard, users, processes, fake_gpu) -> None:
     foreign = _spawn(processes, users["other"], _free_port())
-    fake_gpu(
-        gpus=[{"index": 0, "free": 800}, {"index": 1, "free": 900}], apps=[{"gpu": 1, "pid": foreign.pid, "used": 1}]
-    )
-    guard.min_free_vram_mib = 2000
+    fake_gpu("rtx5090_4090", [_app(foreign, GPU1, 1)])
+    guard.min_free_vram_mib = 25000
     guard.kill_grace_s = 1
     result = guard.run()
     assert result.returncode == 1
-    assert "free VRAM 1700 MiB < required 2000 MiB on GPU(s) all" in result.output
+    assert "free VRAM check failed on GPU(s) all: GPU 1: 24060 MiB free < required 25000 MiB" in result.output
     assert _running(foreign)
+
+
+def test_free_vram_is_never_summed_across_gpus(guard: Guard, fake_gpu) -> None:
+    """1000 + 80000 MiB free is not 40000 MiB free on a GPU."""
+    fake_gpu("h100x2_uneven")
+    guard.min_free_vram_mib = 40000
+    guard.kill_grace_s = 0
+    guard.gpus = [0, 1]
+    result = guard.run()
+    assert result.returncode == 1, result.output
+    assert "GPU 0: 1000 MiB free < required 40000 MiB" in result.output
+    assert "GPU 1: 80000 MiB free" in result.output
 
 
 def test_gpus_are_selected_by_uuid_as_by_index(guard: Guard, users, processes, fake_gpu) -> None:
     leftover = _spawn(processes, users["service"], _free_port())
-    fake_gpu(
-        gpus=[{"index": 0, "uuid": "GPU-0a1b2c3d-0000-1111-2222-333344445555", "free": 100},
-              {"index": 1, "uuid": "GPU-9f8e7d6c-0000-1111-2222-333344445555", "free": 700}],
-        apps=[{"gpu": 0, "pid": leftover.pid, "used": 5000}],
-    )
-    guard.min_free_vram_mib = 600
+    fake_gpu("rtx5090_4090", [_app(leftover, GPU0, 5000)])
+    guard.min_free_vram_mib = 24000
     guard.kill_grace_s = 1
-    guard.gpus = ["GPU-9f8e7d6c-0000-1111-2222-333344445555"]
+    guard.gpus = [GPU1]
     result = guard.run()
     assert result.returncode == 0, result.output
     # Only GPU 1 was asked about: the leftover on GPU 0 is outside this service's devices.
     assert _running(leftover)
-    assert "GPU 1: 700 MiB free" in result.output
+    assert "GPU 1: 24060 MiB free" in result.output
     assert "GPU 0:" not in result.output
-    guard.min_free_vram_mib = 800
+    guard.min_free_vram_mib = 24061
     refused = guard.run()
     assert refused.returncode == 1
-    assert "on GPU(s) GPU-9f8e7d6c-0000-1111-2222-333344445555" in refused.output
+    assert f"on GPU(s) {GPU1}: GPU 1: 24060 MiB free < required 24061 MiB" in refused.output
+
+
+def test_unknown_gpu_is_refused(guard: Guard, fake_gpu) -> None:
+    fake_gpu("h100")
+    guard.gpus = ["GPU-00000000-dead-beef-0000-000000000000"]
+    result = guard.run()
+    assert result.returncode == 1
+    assert "GPU GPU-00000000-dead-beef-0000-000000000000 is not among the GPUs" in result.output
+
+
+def test_mig_uuid_selects_its_gpu_and_its_free_memory_is_unknown(guard: Guard, users, processes, fake_gpu) -> None:
+    leftover = _spawn(processes, users["service"], _free_port())
+    # MIG mode: the driver shows no per-process memory ([N/A]).
+    fake_gpu("a100_mig", [{"pid": str(leftover.pid), "gpu_uuid": "GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77",
+                           "used_memory": "[N/A]"}])
+    guard.gpus = ["MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f"]
+    result = guard.run()
+    assert result.returncode == 0, result.output
+    assert not _running(leftover), "a leftover on the MIG device's GPU must be stopped"
+    assert "(GPU memory (unknown MiB))" in result.output
+    guard.min_free_vram_mib = 1000
+    guard.kill_grace_s = 0
+    refused = guard.run()
+    assert refused.returncode == 1
+    mig = "MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f"
+    assert f"MIG device {mig}: free memory not reported per MIG instance" in refused.output
+
+
+def test_na_free_vram_is_unknown_and_a_zero_minimum_reads_none(guard: Guard, fake_gpu) -> None:
+    fake_gpu("gb10_na_memory")
+    ok = guard.run()
+    assert ok.returncode == 0, ok.output
+    assert "no free VRAM minimum: VRAM not read" in ok.output
+    guard.min_free_vram_mib = 1000
+    guard.kill_grace_s = 0
+    refused = guard.run()
+    assert refused.returncode == 1
+    assert "GPU 0: free VRAM unknown (nvidia-smi shows '[N/A]')" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("box", "message"),
+    [
+        ("fallen_off_bus", "failed with exit code 15: Unable to determine the device handle for GPU 0000:0B:00.0"),
+        ("gpu_is_lost", "exit code 15: Unable to determine the device handle for GPU 0000:02:00.0: GPU is lost"),
+        ("driver_library_mismatch", "exit code 18: Failed to initialize NVML: Driver/library version mismatch"),
+        ("driver_unreachable", "failed with exit code 9: NVIDIA-SMI has failed because it couldn't communicate"),
+    ],
+)
+def test_failing_nvidia_smi_fails_closed_even_without_a_minimum(guard: Guard, fake_gpu, box: str, message: str) -> None:
+    fake_gpu(box)
+    result = guard.run()
+    assert result.returncode == 1, result.output
+    [refusal] = result.lines("error")[:1]
+    assert "could not check the GPUs of sgtest.service" in refusal
+    assert message in refusal
+
+
+def test_hung_nvidia_smi_is_cut_after_its_timeout(guard: Guard, workdir: Path) -> None:
+    hung = workdir / "hung-nvidia-smi"
+    hung.write_text("#!/bin/sh\nexec sleep 60\n")
+    hung.chmod(0o755)
+    guard.nvidia_smi = str(hung)
+    guard.extra_lines = ["nvidia_smi_timeout_s=1"]
+    started = time.monotonic()
+    result = guard.run()
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1
+    assert "did not answer within 1s" in result.output
+
+
+def _run_with_tool_replaced(guard: Guard, tool: str, replacement: Path) -> GuardRun:
+    """Runs the guard in a private mount namespace in which `tool` is `replacement`."""
+    path = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert path, f"{tool} is needed on this machine"
+    guard.write_config()
+    proc = subprocess.run(
+        ["unshare", "-m", "/bin/bash", "-c", 'mount --bind "$1" "$2" && exec /bin/bash "$3" "$4"', "-",
+         str(replacement), os.path.realpath(path), str(SCRIPT), str(guard.config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    return GuardRun(proc.returncode, proc.stdout + proc.stderr)
+
+
+def _script(workdir: Path, name: str, body: str) -> Path:
+    path = workdir / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_failing_ss_refuses_instead_of_calling_the_port_free(guard: Guard, workdir: Path) -> None:
+    broken = _script(workdir, "ss-broken", "echo 'Cannot open netlink socket: Protocol not supported' >&2; exit 1")
+    result = _run_with_tool_replaced(guard, "ss", broken)
+    assert result.returncode == 1, result.output
+    assert f"could not check port {guard.ports[0]}: ss failed: Cannot open netlink socket" in result.output
+    assert "is free" not in result.output
+
+
+def test_listener_without_pid_refuses(guard: Guard, workdir: Path) -> None:
+    port = guard.ports[0]
+    # What ss prints for a socket whose process it cannot see: no users:(...) column.
+    blind = _script(workdir, "ss-blind", f"echo 'LISTEN 0      4096      127.0.0.1:{port}      0.0.0.0:*'")
+    result = _run_with_tool_replaced(guard, "ss", blind)
+    assert result.returncode == 1, result.output
+    assert f"could not check port {port}: ss shows a listener without a process" in result.output
+
+
+def test_failing_findmnt_refuses(guard: Guard, workdir: Path) -> None:
+    broken = _script(workdir, "findmnt-broken", "echo 'findmnt: can not read /proc/self/mountinfo' >&2; exit 1")
+    result = _run_with_tool_replaced(guard, "findmnt", broken)
+    assert result.returncode == 1, result.output
+    assert "could not check that model directory" in result.output
+    assert "findmnt failed (findmnt: can not read /proc/self/mountinfo)" in result.output
+
+
+def test_root_as_service_user_is_a_configuration_error(guard: Guard) -> None:
+    guard.user = "root"
+    result = guard.run()
+    assert result.returncode == 2
+    assert "service user 'root' is root: run sgtest.service as an unprivileged system user" in result.output
 
 
 def test_journal_priority_prefix_under_systemd(guard: Guard) -> None:
@@ -467,6 +566,7 @@ def test_journal_priority_prefix_under_systemd(guard: Guard) -> None:
         ("require_mountpoint=yes", "require_mountpoint must be true or false"),
         ("gpu=first", "gpu 'first' is neither a GPU index nor a GPU-/MIG- UUID"),
         ("gibberish", "'gibberish' is not key=value"),
+        ("nvidia_smi_timeout_s=0", "nvidia_smi_timeout_s '0' is not a whole number of seconds above 0"),
     ],
 )
 def test_bad_config_is_a_configuration_error(guard: Guard, line: str, message: str) -> None:
@@ -506,3 +606,31 @@ def test_refuses_to_run_unprivileged(guard: Guard, workdir: Path) -> None:
     )
     assert proc.returncode == 2
     assert "must run as root" in proc.stdout
+
+
+ROLE_VALIDATION = """
+- name: Validate the guard variables
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Run the role's argument checks only
+      ansible.builtin.include_role:
+        name: llmstack.inference.service_guard
+        tasks_from: validate
+"""
+
+
+def test_role_refuses_root_as_the_service_user(tmp_path: Path) -> None:
+    """Argument validation, on the controller: the guard would stop any root process as a "leftover"."""
+    repo = SCRIPT.parents[3]
+    playbook = tmp_path / "validate.yml"
+    playbook.write_text(ROLE_VALIDATION)
+    extra = {"service_guard_user": "root", "service_guard_instances": [{"unit": "sgtest.service", "ports": [8080]}]}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         "-e", json.dumps(extra), str(playbook)],
+        cwd=repo, env=dict(os.environ, ANSIBLE_CONFIG=str(repo / "ansible.cfg"), ANSIBLE_NOCOLOR="1"),
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 2, proc.stdout
+    assert "service_guard_user is 'root': the guarded unit must run as an unprivileged system user" in proc.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 
 import pytest
 
@@ -162,3 +163,48 @@ def test_sandbox_exposure(host, name: str) -> None:
     print(f"\nllamacpp@{name}: {summary}")
     exposure = float(summary.split("exposure level for")[1].split(":")[1].split()[0])
     assert exposure <= MAX_EXPOSURE
+
+
+def _serving(host, name: str, timeout_s: int = 120) -> bool:
+    port = INSTANCES[name][0]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if request(host, port, "/v1/models")[0] == 200:
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_guard_never_touches_a_running_template_sibling(host) -> None:
+    """Both instances run as llamacpp, in /system.slice/system-llamacpp.slice/llamacpp@<name>.service.
+
+    smollm2's guard config is given its sibling's port for one restart: the guard must see that the
+    holder belongs to another running unit (a *.service below the template's slice) and refuse, never
+    kill it as a leftover of the same user. The real config comes back and smollm2 serves again.
+    """
+    conf = "/etc/llmstack/service_guard/llamacpp@smollm2.conf"
+    sibling = "llamacpp@smollm2-bin.service"
+    sibling_pid = main_pid(host, sibling)
+    assert host.run(f"cp -p {conf} {conf}.verify").rc == 0
+    try:
+        assert host.run(f"echo port={INSTANCES['smollm2-bin'][0]} >> {conf}").rc == 0
+        cursor = host.run("journalctl -n0 --show-cursor -o cat").stdout.strip().rpartition("cursor: ")[2]
+        restart = host.run("systemctl restart llamacpp@smollm2.service")
+        assert restart.rc != 0, "the guard let smollm2 start on its sibling's port"
+        expected = f"port 8081 is held by PID {sibling_pid} of unit {sibling} (user llamacpp)"
+        journal = ""
+        for _attempt in range(20):  # journald stores the guard's lines asynchronously
+            journal = host.run(
+                f"journalctl -u llamacpp@smollm2.service --after-cursor={shlex.quote(cursor)} -o cat"
+            ).stdout
+            if expected in journal:
+                break
+            time.sleep(0.5)
+        assert expected in journal, journal
+        assert main_pid(host, sibling) == sibling_pid, "the sibling's main PID changed"
+        assert _serving(host, "smollm2-bin", timeout_s=5)
+    finally:
+        host.run(f"mv {conf}.verify {conf}")
+        host.run("systemctl reset-failed llamacpp@smollm2.service; systemctl restart llamacpp@smollm2.service")
+    assert _serving(host, "smollm2")
+    assert main_pid(host, sibling) == sibling_pid

@@ -41,22 +41,36 @@ class NvidiaSmiProbe:
             await proc.wait()
             raise VramProbeError(f"{self.binary} did not answer within {self.timeout_s}s") from exc
         if proc.returncode != 0:
-            raise VramProbeError(f"{self.binary} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
-        return parse_nvidia_smi(out.decode(), gpus)
+            # nvidia-smi prints its errors ("Failed to initialize NVML: Driver/library version mismatch",
+            # "Unable to determine the device handle for GPU ...") on stdout, not stderr.
+            text = "\n".join(part.decode(errors="replace").strip() for part in (out, err)).strip()
+            first = text.splitlines()[0] if text else "no output"
+            raise VramProbeError(f"{self.binary} failed ({proc.returncode}): {first}")
+        return parse_nvidia_smi(out.decode(errors="replace"), gpus)
 
 
-def parse_nvidia_smi(text: str, gpus: tuple[int, ...]) -> int:
-    free: dict[int, int] = {}
+def parse_nvidia_smi(text: str, gpus: tuple[int, ...]) -> int | None:
+    """Free MiB summed over ``gpus`` from ``--query-gpu=index,memory.free``; None when a GPU shows no
+    number ([N/A] on unified-memory parts such as GB10, [Not Supported], [GPU is lost])."""
+    free: dict[int, int | None] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
-        index_text, free_text = (part.strip() for part in line.split(",", 1))
-        free[int(index_text)] = int(float(free_text))
+        index_text, _comma, free_text = (part.strip() for part in line.partition(","))
+        if not index_text.isdigit() or not free_text:
+            raise VramProbeError(f"unexpected nvidia-smi output: {line.strip()[:200]!r}")
+        try:
+            free[int(index_text)] = int(float(free_text))
+        except ValueError:
+            free[int(index_text)] = None
     wanted = gpus or tuple(free)
     missing = [gpu for gpu in wanted if gpu not in free]
     if missing:
         raise VramProbeError(f"GPU(s) {missing} not reported by nvidia-smi (have {sorted(free)})")
-    return sum(free[gpu] for gpu in wanted)
+    values = [free[gpu] for gpu in wanted]
+    if any(value is None for value in values):
+        return None
+    return sum(value for value in values if value is not None)
 
 
 def make_probe(kind: str) -> VramProbe:

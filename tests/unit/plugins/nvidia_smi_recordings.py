@@ -9,6 +9,7 @@ tests can assert the exact command lines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
@@ -37,13 +38,23 @@ def ok(stdout: str) -> dict:
     return {"rc": 0, "stdout": stdout, "stderr": ""}
 
 
-DRIVER_UNREACHABLE = {
-    "rc": 9,
-    "stdout": "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
-    "Make sure that the latest NVIDIA driver is installed and running.\n\n",
-    "stderr": "",
-}
-NO_DEVICES = {"rc": 6, "stdout": "No devices were found\n", "stderr": ""}
+# The values of every box live in the shared corpus (tests/fixtures/nvidia_smi), which the guard's
+# tests and the router's VRAM probe read too; this module adds the -q texts and gpu_facts' expectations.
+_CORPUS_DIR = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "nvidia_smi"
+_SPEC = importlib.util.spec_from_file_location("nvidia_smi_corpus", _CORPUS_DIR / "nvidia_smi.py")
+corpus = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(corpus)
+LEGACY_QUERY_ARGS = [QUERY_ARGS[0].replace(",compute_cap", ""), QUERY_ARGS[1]]
+
+
+def recorded(box: str, args: list[str] | None = None) -> dict:
+    """What nvidia-smi ARGS (default: gpu_facts' query) prints on a corpus box, as an answer of the emulator below."""
+    rc, stdout, stderr = corpus.render(corpus.load(box), list(args or QUERY_ARGS))
+    return {"rc": rc, "stdout": stdout, "stderr": stderr}
+
+
+DRIVER_UNREACHABLE = recorded("driver_unreachable")
+NO_DEVICES = recorded("no_devices")
 
 RTX5090_BUS = "00000000:01:00.0"
 B200_BUSES = [
@@ -56,31 +67,11 @@ B200_BUSES = [
     "00000000:D1:00.0",
     "00000000:DF:00.0",
 ]
-B200_UUIDS = [
-    "GPU-1a7e3c52-9d04-b6f8-2e31-c70a5d8b4f16",
-    "GPU-84c2f0d9-3b6e-17a5-d9c0-2f4e8a61b3d7",
-    "GPU-e5093b7a-c1d8-4f62-8a3e-97b0d2c5f141",
-    "GPU-2d6f8e14-7a39-c0b5-e482-1f9c3d7a6e08",
-    "GPU-b03c9a71-45e2-8d6f-1c7b-e9a2f4d0c853",
-    "GPU-7f1d2e86-0b4c-a93e-56d1-8c2b7e0f4a39",
-    "GPU-c9e48b30-d2a7-61f5-b0e3-4a8d1c6f92b7",
-    "GPU-4b8a6d1f-e3c0-9725-f1a8-d6b4c2e07f5a",
-]
-# GPU 0 serves a model (vLLM holding 164210 MiB); the rest idle. total = used + free + reserved.
-B200_QUERY = "".join(
-    "%d, NVIDIA B200, %s, 183359, %d, %d, 10.0, 570.133.20, %s\n"
-    % (i, uuid, 164210 if i == 0 else 0, 18322 if i == 0 else 182532, bus)
-    for i, (uuid, bus) in enumerate(zip(B200_UUIDS, B200_BUSES, strict=True))
-)
-
 # Each box: answers per invocation kind, and what the module must report.
 BOXES: dict[str, dict] = {
     "rtx5090": {
         "answers": {
-            "query": ok(
-                "0, NVIDIA GeForce RTX 5090, GPU-6d3c0b8e-2a9f-7c41-5e1d-93b0a4f7c2e8, 32607, 2, 32111, 12.0, "
-                "570.153.02, 00000000:01:00.0\n"
-            ),
+            "query": recorded("rtx5090"),
             "q": ok(q_compute("570.153.02", "12.8", [RTX5090_BUS])),
         },
         "expect": {
@@ -99,10 +90,7 @@ BOXES: dict[str, dict] = {
     },
     "rtx4090": {
         "answers": {
-            "query": ok(
-                "0, NVIDIA GeForce RTX 4090, GPU-3f8a2c61-b7d4-e0a9-1c5b-8e2f6a9d4b70, 24564, 1, 24077, 8.9, "
-                "550.144.03, 00000000:01:00.0\n"
-            ),
+            "query": recorded("rtx4090"),
             "q": ok(q_compute("550.144.03", "12.4", ["00000000:01:00.0"])),
         },
         "expect": {
@@ -121,10 +109,7 @@ BOXES: dict[str, dict] = {
     },
     "rtx_pro_6000": {
         "answers": {
-            "query": ok(
-                "0, NVIDIA RTX PRO 6000 Blackwell Workstation Edition, GPU-9b1e4d27-0c6a-f358-72d1-4a8e0b3c5f96, "
-                "97887, 0, 97251, 12.0, 575.57.08, 00000000:C1:00.0\n"
-            ),
+            "query": recorded("rtx_pro_6000"),
             "q": ok(q_compute("575.57.08", "12.9", ["00000000:C1:00.0"])),
         },
         "expect": {
@@ -142,7 +127,7 @@ BOXES: dict[str, dict] = {
         },
     },
     "b200x8": {
-        "answers": {"query": ok(B200_QUERY), "q": ok(q_compute("570.133.20", "12.8", B200_BUSES))},
+        "answers": {"query": recorded("b200x8"), "q": ok(q_compute("570.133.20", "12.8", B200_BUSES))},
         "expect": {
             "count": 8,
             "names": ["NVIDIA B200"] * 8,
@@ -159,10 +144,7 @@ BOXES: dict[str, dict] = {
     },
     "h100": {
         "answers": {
-            "query": ok(
-                "0, NVIDIA H100 80GB HBM3, GPU-5e2a7c94-1f0b-d836-4c9e-a07b3f2d6e81, 81559, 0, 81008, 9.0, "
-                "550.90.07, 00000000:18:00.0\n"
-            ),
+            "query": recorded("h100"),
             "q": ok(q_compute("550.90.07", "12.4", ["00000000:18:00.0"])),
         },
         "expect": {
@@ -181,12 +163,7 @@ BOXES: dict[str, dict] = {
     },
     "mixed_5090_4090": {
         "answers": {
-            "query": ok(
-                "0, NVIDIA GeForce RTX 5090, GPU-a41f0c7e-6b2d-93e5-0d8c-5f1b7e3a2c94, 32607, 1510, 30603, 12.0, "
-                "575.64.03, 00000000:01:00.0\n"
-                "1, NVIDIA GeForce RTX 4090, GPU-0c5d9e3b-8a17-f24c-6e0d-b3a9c1f7e528, 24564, 18, 24060, 8.9, "
-                "575.64.03, 00000000:02:00.0\n"
-            ),
+            "query": recorded("rtx5090_4090"),
             "q": ok(q_compute("575.64.03", "12.9", ["00000000:01:00.0", "00000000:02:00.0"])),
         },
         "expect": {
@@ -206,10 +183,7 @@ BOXES: dict[str, dict] = {
     # Unified memory: the DGX Spark's GB10 has no dedicated VRAM, nvidia-smi prints [N/A].
     "gb10_na_memory": {
         "answers": {
-            "query": ok(
-                "0, NVIDIA GB10, GPU-d8b3f6a2-4c1e-07d9-a5b2-e6f0c3d9184b, [N/A], [N/A], [N/A], 12.1, "
-                "580.95.05, 0000000F:01:00.0\n"
-            ),
+            "query": recorded("gb10_na_memory"),
             "q": ok(q_compute("580.95.05", "13.0", ["0000000F:01:00.0"])),
         },
         "expect": {
@@ -229,11 +203,8 @@ BOXES: dict[str, dict] = {
     # R470 does not know compute_cap: the module retries without it and infers 7.0 from the name.
     "v100_legacy_driver": {
         "answers": {
-            "query": {"rc": 2, "stdout": 'Field "compute_cap" is not a valid field to query.\n\n', "stderr": ""},
-            "legacy_query": ok(
-                "0, Tesla V100-SXM2-32GB, GPU-2c7e5a18-93f4-6b0d-e81c-4f9a0d3b7e62, 32510, 3, 32507, "
-                "470.256.02, 00000000:00:1E.0\n"
-            ),
+            "query": recorded("v100_legacy_driver"),
+            "legacy_query": recorded("v100_legacy_driver", LEGACY_QUERY_ARGS),
             "q": ok(q_compute("470.256.02", "11.4", ["00000000:00:1E.0"])),
         },
         "expect": {
@@ -254,10 +225,7 @@ BOXES: dict[str, dict] = {
     # `-q` without a CUDA line (seen in some containers): the plain table header is the fallback.
     "rtx4090_header_fallback": {
         "answers": {
-            "query": ok(
-                "0, NVIDIA GeForce RTX 4090, GPU-3f8a2c61-b7d4-e0a9-1c5b-8e2f6a9d4b70, 24564, 1, 24077, 8.9, "
-                "565.57.01, 00000000:01:00.0\n"
-            ),
+            "query": recorded("rtx4090_565"),
             "q": {"rc": 0, "stdout": "\n==============NVSMI LOG==============\n\n", "stderr": ""},
             "plain": ok(
                 "Tue Jun 17 10:42:07 2025       \n"

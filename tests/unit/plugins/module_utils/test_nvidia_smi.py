@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 from ansible_collections.llmstack.inference.plugins.module_utils import _nvidia_smi as smi
 
@@ -150,3 +153,49 @@ def test_summary_of_no_gpus():
     assert facts["llmstack_gpu_architectures"] == []
     assert facts["llmstack_gpu_cuda_arch_list"] == ""
     assert facts["llmstack_gpu_reason"] == "why"
+
+
+# The shared corpus of recorded nvidia-smi outputs (tests/fixtures/nvidia_smi), as the guard and the
+# router's VRAM probe read it too.
+_CORPUS_DIR = Path(__file__).resolve().parents[4] / "tests" / "fixtures" / "nvidia_smi"
+_SPEC = importlib.util.spec_from_file_location("nvidia_smi_corpus", _CORPUS_DIR / "nvidia_smi.py")
+corpus = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(corpus)
+
+
+def _runner(box):
+    recording = corpus.load(box)
+    return lambda *args: corpus.render(recording, list(args))
+
+
+@pytest.mark.parametrize(
+    ("box", "free"),
+    [
+        ("h100", [81008]),
+        ("rtx5090_4090", [30603, 24060]),
+        ("h100x2_uneven", [1000, 80000]),
+        ("a100_mig", [26006]),
+        ("gb10_na_memory", [None]),
+    ],
+)
+def test_corpus_boxes_parse(box, free):
+    gpus, reason = smi.query_gpus(_runner(box))
+    assert reason is None
+    assert [gpu["memory_free_mib"] for gpu in gpus] == free
+    assert all(gpu["uuid"].startswith("GPU-") for gpu in gpus)
+
+
+@pytest.mark.parametrize(
+    ("box", "reason"),
+    [
+        ("driver_library_mismatch", "does not match the user-space driver library (Driver/library version mismatch"),
+        ("fallen_off_bus", "exit code 15: Unable to determine the device handle for GPU 0000:0B:00.0: Unknown Error:"),
+        ("gpu_is_lost", "GPU 0000:02:00.0: GPU is lost. Reboot the system to recover this GPU: a GPU has fallen off"),
+        ("driver_unreachable", "could not communicate with the NVIDIA driver"),
+        ("no_devices", "found no NVIDIA devices"),
+    ],
+)
+def test_corpus_failures_name_their_cause(box, reason):
+    gpus, why = smi.query_gpus(_runner(box))
+    assert gpus == []
+    assert reason in why
