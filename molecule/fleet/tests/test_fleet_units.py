@@ -26,6 +26,7 @@ MOLECULE_YML = Path(__file__).resolve().parents[1] / "molecule.yml"
 SECRET_NAME = re.compile(r"(^|_)(key|keys|secret|secrets|token|tokens|password|passwords)$")
 # Every Ansible log line starts "<date> <time> p=<pid> u=<user> n=ansible <LEVEL>| ".
 LOG_LINE = re.compile(r"^\S+ \S+ p=(\d+) u=\S+ n=\S+ ")
+PLAYBOOK = re.compile(r"^\S+ \S+ p=\d+ u=\S+ n=\S+ \S+\| PLAYBOOK: (\S+) ")
 RECAP = re.compile(r"\| (\S+)\s+: ok=\d+\s+changed=(\d+)")
 
 
@@ -52,17 +53,27 @@ def inventory_secrets(inventory: dict) -> set[str]:
     return found
 
 
-def runs(text: str) -> list[str]:
-    """The log split into one text per ansible-playbook run (by pid), in the order the runs started."""
-    by_pid: dict[str, list[str]] = {}
+def runs(text: str) -> list[dict]:
+    """One entry per ansible-playbook run (told apart by pid), in the order the runs started.
+
+    Each: `playbook` (from its "PLAYBOOK: x.yml" line), `first`/`last` (line numbers), `text`. A run another
+    run starts (prepare.yml's check-mode converge on the fresh hosts) lies inside that run's span.
+    """
+    found: dict[str, dict] = {}
     pid = None
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines()):
         match = LOG_LINE.match(line)
         if match:
             pid = match.group(1)
-        if pid is not None:
-            by_pid.setdefault(pid, []).append(line)
-    return ["\n".join(lines) for lines in by_pid.values()]
+        if pid is None:
+            continue
+        run = found.setdefault(pid, {"playbook": None, "first": number, "lines": []})
+        run["last"] = number
+        run["lines"].append(line)
+        playbook = PLAYBOOK.match(line)
+        if playbook and run["playbook"] is None:
+            run["playbook"] = playbook.group(1)
+    return [dict(run, text="\n".join(run.pop("lines"))) for run in found.values()]
 
 
 def leaks(text: str, secrets: set[str]) -> dict[str, int]:
@@ -76,12 +87,14 @@ def changed(text: str) -> int:
 
 
 def converge_runs(log: str) -> list[tuple[str, int]]:
-    """(log, total changed) of each converge.yml run: converge, idempotence, check, in this order."""
-    found = []
-    for text in runs(log):
-        if "PLAYBOOK: converge.yml" in text:
-            found.append((text, changed(text)))
-    return found
+    """(log, total changed) of each converge.yml run after prepare.yml: converge, idempotence, check."""
+    every = runs(log)
+    prepared = max((run["last"] for run in every if run["playbook"] == "prepare.yml"), default=-1)
+    return [
+        (run["text"], changed(run["text"]))
+        for run in every
+        if run["playbook"] == "converge.yml" and run["first"] > prepared
+    ]
 
 
 SECRETS = inventory_secrets(yaml.safe_load(MOLECULE_YML.read_text())["provisioner"]["inventory"])
@@ -95,10 +108,14 @@ def test_the_search_finds_a_leaked_secret() -> None:
     secrets = inventory_secrets(inventory)
     assert secrets == {"sk-x-0123456789", "rk-0123456789"}
     log = (
-        "2026-01-01 10:00:00,000 p=11 u=root n=ansible INFO| PLAYBOOK: converge.yml\n"
+        "2026-01-01 09:00:00,000 p=9 u=root n=ansible INFO| PLAYBOOK: prepare.yml ***\n"
+        "2026-01-01 09:00:01,000 p=10 u=root n=ansible INFO| PLAYBOOK: converge.yml ***\n"
+        "2026-01-01 09:00:02,000 p=10 u=root n=ansible INFO| gw   : ok=9    changed=5    unreachable=0\n"
+        "2026-01-01 09:00:03,000 p=9 u=root n=ansible INFO| gw   : ok=1    changed=0    unreachable=0\n"
+        "2026-01-01 10:00:00,000 p=11 u=root n=ansible INFO| PLAYBOOK: converge.yml ***\n"
         '2026-01-01 10:00:01,000 p=11 u=root n=ansible INFO| "content": "LITELLM_MASTER_KEY=sk-x-0123456789"\n'
         "2026-01-01 10:00:01,500 p=11 u=root n=ansible INFO| gw   : ok=9    changed=2    unreachable=0\n"
-        "2026-01-01 10:00:02,000 p=12 u=root n=ansible INFO| PLAYBOOK: converge.yml\n"
+        "2026-01-01 10:00:02,000 p=12 u=root n=ansible INFO| PLAYBOOK: converge.yml ***\n"
         "2026-01-01 10:00:02,500 p=12 u=root n=ansible INFO| gw   : ok=9    changed=0    unreachable=0\n"
     )
     (first, first_changed), (second, second_changed) = converge_runs(log)
