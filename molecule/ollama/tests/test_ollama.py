@@ -9,8 +9,13 @@ and its settings drop-in reaching the process, and which hosts get `ollama pull`
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import testinfra.utils.ansible_runner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
+import unit_checks
 
 INVENTORY = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
 testinfra_hosts = [f"ansible://{name}" for name in sorted(INVENTORY.get_hosts("ollama"))]
@@ -87,3 +92,16 @@ def test_model_pulls_gated_on_gpu_or_cpu_only(host):
         "root OLLAMA_HOST=127.0.0.1:11434 pull nomic-embed-text",
     ]
     assert sum(line.endswith(" list") for line in lines) >= 3
+
+
+def test_unit_sandbox_exposure_start_limit_and_devices(host):
+    unit = "ollama.service"
+    assert unit_checks.exposure(host, unit) <= unit_checks.MAX_EXPOSURE["engine"]
+    unit_checks.assert_start_limit_holds_long_loads(host, unit)
+    props = host.run(f"systemctl show -p DevicePolicy -p DeviceAllow -p PrivateDevices {unit}").stdout
+    if name_of(host) == "gpu-node":
+        # The GPU path: no device but the NVIDIA nodes (before: PrivateDevices=no, every device open).
+        assert "DevicePolicy=closed" in props, props
+        assert "char-nvidia-uvm rw" in props, props
+    else:
+        assert "PrivateDevices=yes" in props, props

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
+import unit_checks
 
 INVENTORY = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
 testinfra_hosts = [f"ansible://{name}" for name in sorted(INVENTORY.get_hosts("sglang"))]
@@ -117,6 +122,20 @@ def test_sandboxing_exposure(host):
     level = float(match.group(1))
     print(f"systemd-analyze security sglang@qwen.service: {level}")
     assert level <= 3.0, result.stdout[-400:]
+    assert level <= unit_checks.MAX_EXPOSURE["engine"]
+
+
+@pytest.mark.parametrize("name", INSTANCES)
+def test_start_limit_holds_long_loads(host, name):
+    unit_checks.assert_start_limit_holds_long_loads(host, f"sglang@{name}.service")
+
+
+def test_gpu_devices_only(host):
+    # DevicePolicy=closed with the NVIDIA nodes (before: PrivateDevices=no, every device node open).
+    props = host.run("systemctl show -p DevicePolicy -p DeviceAllow sglang@qwen.service").stdout
+    assert "DevicePolicy=closed" in props, props
+    for device in ("char-nvidia* rw", "char-nvidia-uvm rw", "char-nvidia-caps rw"):
+        assert device in props, props
 
 
 def start_refused(host, name: str) -> str:

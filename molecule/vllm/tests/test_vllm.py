@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
+import unit_checks
 
 UNIT = "vllm@tiny.service"
 BASE = "http://127.0.0.1:8000"
@@ -107,4 +112,10 @@ def test_chat_completion_is_generated(host) -> None:
 def test_sandbox_exposure_is_low(host) -> None:
     out = host.run(f"systemd-analyze security --no-pager {UNIT}").stdout
     score = float(out.strip().splitlines()[-1].split()[-3])
+    print(f"systemd-analyze security {UNIT}: {score}")
     assert score <= 4.0, out
+    assert score <= unit_checks.MAX_EXPOSURE["engine"]
+
+
+def test_start_limit_holds_long_loads(host) -> None:
+    unit_checks.assert_start_limit_holds_long_loads(host, UNIT)
