@@ -66,3 +66,68 @@ async def test_sighup_reloads_keys_keeps_the_stream_in_flight_and_refuses_a_bad_
     logs = err.decode()
     assert "config reloaded from" in logs
     assert "reload refused, keeping the running config" in logs
+
+
+async def _start_cli(config: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "llmstack_router.cli", "--config", str(config),
+                                                env=env, stderr=asyncio.subprocess.PIPE)
+
+
+async def _wait_healthy(client: aiohttp.ClientSession, url: str) -> None:
+    for _poll in range(1200):  # up to a minute on a loaded machine
+        try:
+            async with client.get(url + "/health") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the router did not become healthy")
+
+
+async def test_router_restart_with_requests_queued_answers_each_then_serves_again(tmp_path: Path) -> None:
+    # Failed before: on SIGTERM aiohttp waited out the shutdown timeout for the queued handlers, then
+    # cancelled them, and their clients lost the connection without an answer.
+    port, router_port = free_port(), free_port()
+    cfg = router_config({"a": spawned_backend(port, "model-a", "--start-delay", "3")})
+    cfg["listen"] = {"host": "127.0.0.1", "port": router_port}
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(cfg))
+    url = f"http://127.0.0.1:{router_port}"
+    chat = {"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}
+    proc = await _start_cli(config)
+    async with aiohttp.ClientSession() as client:
+        try:
+            await _wait_healthy(client, url)
+
+            async def plain() -> tuple[int, dict, str | None]:
+                async with client.post(url + "/v1/chat/completions", json=chat, headers=AUTH) as resp:
+                    return resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+            queued = [asyncio.create_task(plain()) for _ in range(3)]
+            async with client.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=AUTH) as resp:
+                assert resp.status == 200
+                assert (await resp.content.readline()).startswith(b": loading"), "the stream was not queued"
+                proc.send_signal(signal.SIGTERM)
+                began = asyncio.get_running_loop().time()
+                rest = (await asyncio.wait_for(resp.content.read(), 10)).decode()
+            answers = await asyncio.wait_for(asyncio.gather(*queued), 10)
+            assert asyncio.get_running_loop().time() - began < 4, "queued clients waited out the shutdown timeout"
+            assert '"code": "router_restarting"' in rest, rest
+            for status, body, retry_after in answers:
+                assert (status, body["error"]["code"], retry_after) == (503, "router_restarting", "1"), body
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        # The spawned backend went with the router; a new router serves the same model again.
+        proc = await _start_cli(config)
+        try:
+            await _wait_healthy(client, url)
+            async with client.post(url + "/v1/chat/completions", json=chat, headers=AUTH) as resp:
+                assert resp.status == 200, await resp.text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.communicate(), 60)

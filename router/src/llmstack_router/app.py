@@ -104,6 +104,11 @@ class Router:
                                    for lane in self.lanes for name, runtime in lane.backends.items()
                                    if "state_error" in (status := runtime.engine.status())}))
 
+    async def refuse_queued(self, _app: web.Application | None = None) -> None:
+        # on_shutdown: aiohttp runs it before it waits for the handlers (web_runner.py BaseRunner.cleanup).
+        for lane in self.lanes:
+            lane.refuse_queued("the router is restarting; retry")
+
     async def stop(self, _app: web.Application | None = None) -> None:
         await asyncio.gather(*(lane.shutdown() for lane in self.lanes), return_exceptions=True)
         kill_all_spawned()
@@ -197,7 +202,7 @@ class Router:
             try:
                 ticket.result()
             except QueueFull as exc:
-                return await self._fail(request, response, 503, str(exc), "server_error", "queue_full",
+                return await self._fail(request, response, 503, str(exc), "server_error", exc.code,
                                         {"Retry-After": str(exc.retry_after_s)})
             except LoadFailed as exc:
                 # The backend's log lines go to the router log and /admin/status, never to a client.
@@ -390,7 +395,7 @@ class Router:
             ticket.result()
         except QueueFull as exc:
             # The lane's measure: its last swap's duration (scheduler.retry_after_s), as on /v1/*.
-            return openai_error(503, str(exc), "server_error", "queue_full",
+            return openai_error(503, str(exc), "server_error", exc.code,
                                 headers={"Retry-After": str(exc.retry_after_s)})
         except LoadFailed as exc:
             return openai_error(503, str(exc), "server_error", "model_load_failed", headers={"Retry-After": "1"})
@@ -452,6 +457,7 @@ def create_app(config: RouterConfig, probe: VramProbe | None = None) -> web.Appl
     app[ROUTER_KEY] = router
     app[KEYS] = keys  # SIGHUP replaces the keys in place (reload.py)
     app.on_startup.append(router.start)
+    app.on_shutdown.append(router.refuse_queued)
     app.on_cleanup.append(router.stop)
     for method, path, handler, _need in routes:
         # add_get also answers HEAD, as before the route table.

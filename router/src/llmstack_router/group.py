@@ -30,6 +30,7 @@ from .scheduler import (
     QueueFull,
     QueueTimeout,
     Reject,
+    RouterStopping,
     StartLoad,
     StartUnload,
     Waiter,
@@ -220,6 +221,13 @@ class Lane:
             # Through apply: it arms the timer, so the idle TTL counts from the adoption.
             self.apply(self.core.adopt(model_id, self.now()))
             log.info("adopted running model %s", model_id, extra={"lane": self.name})
+
+    def refuse_queued(self, message: str) -> None:
+        """Shutdown begins: every queued request gets its answer now (the handlers' Ticket.close() then
+        takes them out of the scheduler); requests in flight go on until the server's shutdown timeout."""
+        for ticket in list(self.futures.values()):
+            if not ticket.future.done():
+                ticket.future.set_exception(RouterStopping(1, message))
 
     async def shutdown(self) -> None:
         await self.swapper.shutdown()

@@ -23,6 +23,8 @@ class Phase(StrEnum):
 
 
 class QueueFull(Exception):
+    code = "queue_full"  # the OpenAI-shaped error's code
+
     def __init__(self, retry_after_s: int, message: str | None = None) -> None:
         super().__init__(message or f"queue full, retry after {retry_after_s}s")
         self.retry_after_s = retry_after_s
@@ -30,6 +32,13 @@ class QueueFull(Exception):
 
 class QueueTimeout(QueueFull):
     """A queued request waited ``queue_max_wait_s``: 503 with Retry-After, like a full queue."""
+
+
+class RouterStopping(QueueFull):
+    """The router is stopping (SIGTERM, a restart): a queued request is answered 503 with Retry-After at
+    once, instead of waiting out the shutdown timeout and then losing its connection without an answer."""
+
+    code = "router_restarting"
 
 
 @dataclass(eq=False)
