@@ -36,11 +36,11 @@ $(VENV)/.stamp: requirements/controller.lock requirements/uv.lock
 # `uv pip compile --generate-hashes` into requirements/*.lock (tools/locks.py). Needs the package index,
 # and for llamacpp.lock the built llama-cpp-python wheel in $(LLMSTACK_CACHE)/wheelhouse.
 locks: venv
-	tools/locks.py write
+	$(VENV)/bin/python tools/locks.py write
 
 # No network: each lock was made from its .in, and each .in agrees with the versions the roles default to.
-locks-check:
-	tools/locks.py check
+locks-check: venv
+	$(VENV)/bin/python tools/locks.py check
 
 # Role READMEs: hand-written intro, variable tables generated from meta/argument_specs.yml (tools/role-docs.sh).
 docs: venv

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Hashed lock files for every venv the collection builds (`make locks`, `make locks-check`).
 
 Each requirements/<name>.in names the pins of one venv; `write` compiles it with
