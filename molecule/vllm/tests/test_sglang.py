@@ -152,7 +152,9 @@ def start_refused(host, name: str) -> str:
 
 def test_guard_refuses_start_without_gpu(host):
     journal = start_refused(host, "qwen")
-    assert "sglang@qwen.service needs 16000 MiB free VRAM but 'nvidia-smi' is not installed" in journal, journal
+    # Fail closed: the guard names what it could not check and the fix (roles/service_guard/files/prestart.sh).
+    assert ("could not check the GPUs of sglang@qwen.service (0): it needs 16000 MiB free VRAM but "
+            "'nvidia-smi' is not installed") in journal, journal
     assert "start of sglang@qwen.service refused: 1 problem(s) above" in journal
     # The guard stopped it: the server command never ran.
     assert "sglang.launch_server" not in journal
