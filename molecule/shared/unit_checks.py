@@ -60,3 +60,13 @@ def assert_start_limit_holds_long_loads(host, unit: str) -> None:
     print(f"{unit}: {limit}")
     assert 1 <= limit["burst"] <= 10, limit
     assert limit["interval"] >= limit["burst"] * (limit["timeout_start"] + limit["restart"]), limit
+
+
+def assert_ip_filter_loopback_only(host, unit: str) -> None:
+    """IPAddressDeny=any with only loopback allowed, as systemd took it (`systemctl show` prints prefixes)."""
+    out = host.run(f"systemctl show -p IPAddressDeny -p IPAddressAllow {unit}")
+    assert out.rc == 0, out.stderr
+    values = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    print(f"{unit}: {values}")
+    assert set(values["IPAddressDeny"].split()) == {"0.0.0.0/0", "::/0"}, values
+    assert set(values["IPAddressAllow"].split()) == {"127.0.0.0/8", "::1/128"}, values

@@ -130,6 +130,11 @@ def test_start_limit_holds_long_loads(host, name):
     unit_checks.assert_start_limit_holds_long_loads(host, f"sglang@{name}.service")
 
 
+def test_ip_filter_admits_loopback_only(host):
+    # Failed before: sglang@ had no IP filter.
+    unit_checks.assert_ip_filter_loopback_only(host, "sglang@qwen.service")
+
+
 def test_gpu_devices_only(host):
     # DevicePolicy=closed with the NVIDIA nodes (before: PrivateDevices=no, every device node open).
     props = host.run("systemctl show -p DevicePolicy -p DeviceAllow sglang@qwen.service").stdout

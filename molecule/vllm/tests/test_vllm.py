@@ -119,3 +119,8 @@ def test_sandbox_exposure_is_low(host) -> None:
 
 def test_start_limit_holds_long_loads(host) -> None:
     unit_checks.assert_start_limit_holds_long_loads(host, UNIT)
+
+
+def test_ip_filter_admits_loopback_only(host) -> None:
+    # Failed before: vllm@ had no IP filter (the engine core talks to the API server over loopback).
+    unit_checks.assert_ip_filter_loopback_only(host, UNIT)
