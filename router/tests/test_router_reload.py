@@ -105,7 +105,7 @@ async def test_router_restart_with_requests_queued_answers_each_then_serves_agai
                 async with client.post(url + "/v1/chat/completions", json=chat, headers=AUTH) as resp:
                     return resp.status, await resp.json(), resp.headers.get("Retry-After")
 
-            queued = [asyncio.create_task(plain()) for _ in range(3)]
+            queued = [asyncio.create_task(plain()) for _client in range(3)]
             async with client.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=AUTH) as resp:
                 assert resp.status == 200
                 assert (await resp.content.readline()).startswith(b": loading"), "the stream was not queued"
