@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from llmstack_router.app import ROUTER_KEY, Router, create_app
 from llmstack_router.config import parse_config
@@ -84,3 +87,24 @@ async def start_fake(upstream: Any) -> tuple[web.AppRunner, int]:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, port
+
+
+async def start_cli(config: Path) -> asyncio.subprocess.Process:
+    """The real router CLI (``llmstack-router --config``) on ``config``, stderr captured."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "llmstack_router.cli", "--config", str(config),
+                                                env=env, stderr=asyncio.subprocess.PIPE)
+
+
+async def wait_healthy(client: aiohttp.ClientSession, url: str, timeout_s: float = 60.0) -> None:
+    """Poll ``/health`` until it answers 200 (a router's start is slow on a loaded machine)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            async with client.get(url + "/health") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not become healthy in {timeout_s:.0f}s")

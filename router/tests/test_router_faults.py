@@ -20,7 +20,9 @@ from router_helpers import (
     free_port,
     router_config,
     spawned_backend,
+    start_cli,
     start_router,
+    wait_healthy,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -289,19 +291,11 @@ async def test_router_exit_kills_spawned_backend_and_its_children(tmp_path: Path
                                "command": ["/bin/sh", "-c", script], "models": [{"id": "model-a"}]}})
     cfg["listen"] = {"host": "127.0.0.1", "port": router_port}
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llmstack_router.cli", "--config", str(config),
-                                                env=env, stderr=asyncio.subprocess.PIPE)
+    proc = await start_cli(config)
     url = f"http://127.0.0.1:{router_port}"
     try:
         async with aiohttp.ClientSession(headers=AUTH) as client:
-            for _poll in range(200):
-                try:
-                    async with client.get(url + "/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+            await wait_healthy(client, url)
             assert (await chat(client, url, "model-a"))[0] == 200
             async with client.get(url + "/admin/status", headers=ADMIN) as resp:
                 assert resp.status == 200

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from router_helpers import AUTH, free_port, router_config, spawned_backend
+from router_helpers import AUTH, free_port, router_config, spawned_backend, start_cli, wait_healthy
 
 pytestmark = pytest.mark.asyncio
 NEW_KEY = "rotated-api-key-0123456789"
@@ -24,20 +22,12 @@ async def test_sighup_reloads_keys_keeps_the_stream_in_flight_and_refuses_a_bad_
     cfg["listen"] = {"host": "127.0.0.1", "port": router_port}
     config = tmp_path / "config.yml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "llmstack_router.cli", "--config", str(config),
-                                                env=env, stderr=asyncio.subprocess.PIPE)
+    proc = await start_cli(config)
     url = f"http://127.0.0.1:{router_port}"
     chat = {"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}
     try:
         async with aiohttp.ClientSession() as client:
-            for _poll in range(1200):  # up to a minute: the router's start is slow on a loaded machine
-                try:
-                    async with client.get(url + "/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+            await wait_healthy(client, url)
             async with client.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=AUTH) as resp:
                 assert resp.status == 200
                 first = b""
@@ -68,24 +58,6 @@ async def test_sighup_reloads_keys_keeps_the_stream_in_flight_and_refuses_a_bad_
     assert "reload refused, keeping the running config" in logs
 
 
-async def _start_cli(config: Path) -> asyncio.subprocess.Process:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", "llmstack_router.cli", "--config", str(config),
-                                                env=env, stderr=asyncio.subprocess.PIPE)
-
-
-async def _wait_healthy(client: aiohttp.ClientSession, url: str) -> None:
-    for _poll in range(1200):  # up to a minute on a loaded machine
-        try:
-            async with client.get(url + "/health") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("the router did not become healthy")
-
-
 async def test_router_restart_with_requests_queued_answers_each_then_serves_again(tmp_path: Path) -> None:
     # Failed before: on SIGTERM aiohttp waited out the shutdown timeout for the queued handlers, then
     # cancelled them, and their clients lost the connection without an answer.
@@ -96,10 +68,10 @@ async def test_router_restart_with_requests_queued_answers_each_then_serves_agai
     config.write_text(yaml.safe_dump(cfg))
     url = f"http://127.0.0.1:{router_port}"
     chat = {"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}
-    proc = await _start_cli(config)
+    proc = await start_cli(config)
     async with aiohttp.ClientSession() as client:
         try:
-            await _wait_healthy(client, url)
+            await wait_healthy(client, url)
 
             async def plain() -> tuple[int, dict, str | None]:
                 async with client.post(url + "/v1/chat/completions", json=chat, headers=AUTH) as resp:
@@ -123,9 +95,9 @@ async def test_router_restart_with_requests_queued_answers_each_then_serves_agai
                 proc.kill()
                 await proc.wait()
         # The spawned backend went with the router; a new router serves the same model again.
-        proc = await _start_cli(config)
+        proc = await start_cli(config)
         try:
-            await _wait_healthy(client, url)
+            await wait_healthy(client, url)
             async with client.post(url + "/v1/chat/completions", json=chat, headers=AUTH) as resp:
                 assert resp.status == 200, await resp.text()
         finally:
