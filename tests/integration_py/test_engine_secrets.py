@@ -59,6 +59,8 @@ def _playbook(tmp: Path) -> str:
           gather_facts: true
           vars:
             llamacpp_probe: false
+            # Not a secret: the wheel's recorded hash, which a controller without the built wheel lacks.
+            llamacpp_python_wheel_sha256: "{"0" * 64}"
             llamacpp_api_key: {SECRETS["llamacpp role key"]}
             llamacpp_instances:
               - {{name: one, model: {model}, port: 18010, env: {{HF_TOKEN: {SECRETS["env value"]}}}}}

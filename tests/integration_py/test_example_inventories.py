@@ -32,8 +32,11 @@ def check_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int,
     for inventory in INVENTORIES:
         # A file, not a pipe: a full pipe of the run not being read would stall it.
         with (logs / f"{inventory}.log").open("w") as log:
+            # stdin: a /dev/null of its own; a shared stdin that one run's tools set non-blocking makes the
+            # other's ansible-playbook refuse to start ("Ansible requires blocking IO on stdin").
             runs[inventory] = subprocess.Popen(
-                [str(SCRIPT), inventory], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO
+                [str(SCRIPT), inventory], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                text=True, cwd=REPO,
             )
     results = {}
     for inventory, run in runs.items():
