@@ -141,8 +141,11 @@ def test_no_secret_in_the_vvv_logs_of_converge_and_idempotence() -> None:
         assert "ESTABLISH" in text, "the log is not at -vvv (no connection lines)"
     steps = [("converge", converge), ("idempotence", idempotence)] + [("check", run[0]) for run in found[2:3]]
     counts = {name: leaks(text, SECRETS) for name, text in steps}
-    # The whole log too (every step, lines of any process): zero hits anywhere.
-    counts["all steps"] = leaks(log, SECRETS)
+    # Every step the roles ran (prepare, converge, idempotence, check; lines of any process): the log up to the
+    # end of the last converge.yml run. What follows is verify's own testinfra commands, which carry the keys on
+    # purpose (curl -H "Authorization: Bearer ..."), logged here at -vvv: 6 hits there in the first full run.
+    end = max(run["last"] for run in runs(log) if run["playbook"] == "converge.yml")
+    counts["all steps before verify"] = leaks("\n".join(log.splitlines()[: end + 1]), SECRETS)
     print(f"secret-leak hits in {LOG} ({len(SECRETS)} secrets, {len(log)} bytes): {counts}")
     assert all(not hits for hits in counts.values()), counts
 
