@@ -62,7 +62,8 @@ units: venv
 	tools/ansible-test.sh units
 
 pytest: venv
-	pytest -q tests/integration_py router/tests
+	# The slowest cases in the CI log: where the pytest stage of the budget goes.
+	pytest -q --durations=15 tests/integration_py router/tests
 
 # `stage X took N s` lines show in the CI log where the 75-minute budget goes (one per scenario too).
 TIMED = start=$$(date +%s); status=0; $(2) || status=$$?; echo "stage $(1) took $$(( $$(date +%s) - start )) s"; [ $$status -eq 0 ]
