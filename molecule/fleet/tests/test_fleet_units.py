@@ -57,7 +57,7 @@ def runs(text: str) -> list[dict]:
     """One entry per ansible-playbook run (told apart by pid), in the order the runs started.
 
     Each: `playbook` (from its "PLAYBOOK: x.yml" line), `first`/`last` (line numbers), `text`. A run another
-    run starts (prepare.yml's check-mode converge on the fresh hosts) lies inside that run's span.
+    run starts (an ansible-playbook called from a prepare playbook) lies inside that run's span.
     """
     found: dict[str, dict] = {}
     pid = None
