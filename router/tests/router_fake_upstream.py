@@ -31,6 +31,7 @@ class FakeUpstream:
         self.never_ready = never_ready
         self.api_key = api_key
         self.requests = 0
+        self.probes = 0  # readiness probes (/health, /v1/models): the load a starting engine sees
         self.disconnects = 0
         self.completed_streams = 0
         self.request_ids: list[str] = []
@@ -49,11 +50,13 @@ class FakeUpstream:
         return app
 
     async def health(self, request: web.Request) -> web.Response:
+        self.probes += 1
         if self.never_ready:
             return web.json_response({"status": "loading model"}, status=503)
         return web.json_response({"status": "ok"})
 
     async def models(self, request: web.Request) -> web.Response:
+        self.probes += 1
         if self.never_ready:
             return web.json_response({"error": "loading"}, status=503)
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})

@@ -66,6 +66,7 @@ _DELETE = object()
     ("auth.admin_keys", [API_KEY], "auth.admin_keys", "must not also be"),
     ("listen", {"port": 70000}, "listen.port", "<= 65535"),
     ("vram_probe", "nvml", "vram_probe", "'none' or 'nvidia-smi'"),
+    ("ready_poll_first_s", 0.05, "ready_poll_first_s", "<= ready_poll_interval_s"),
     ("groups", _DELETE, "groups", "is required"),
     ("backends.smol.models.0", {"id": "a"}, "", ""),  # valid: control case
 ])

@@ -56,6 +56,7 @@ FULL: dict[str, Any] = {
     "limits": {"max_connections": 256, "body_read_timeout_s": 5.0, "client_write_timeout_s": 5.0,
                "upstream_total_timeout_s": 60.0},
     "loading_progress_interval_s": 1.0,
+    "ready_poll_first_s": 0.002,
     "ready_poll_interval_s": 0.05,
 }
 MINIMAL: dict[str, Any] = {
@@ -304,6 +305,7 @@ EXAMPLES = [
     ("request_timeout below 1", _with("backends.llama.request_timeout_s", 0.5), False),
     ("max_body_bytes small", _with("max_body_bytes", 100), False),
     ("ready_poll tiny", _with("ready_poll_interval_s", 0.001), False),
+    ("ready_poll_first tiny", _with("ready_poll_first_s", 0.0001), False),
     ("vram_probe bad", _with("vram_probe", "nvml"), False),
     ("log_level lower case", _with("log_level", "debug"), True),
     ("log_level bad", _with("log_level", "TRACE"), False),

@@ -139,6 +139,8 @@ class RouterConfig:
     port: int = 8002
     max_body_bytes: int = 4 * 1024 * 1024
     loading_progress_interval_s: float = 5.0
+    # Readiness probes while a backend starts: the first sleep, doubling up to the interval (swap.poll_delays).
+    ready_poll_first_s: float = 0.001
     ready_poll_interval_s: float = 0.025
     log_level: str = "INFO"
     systemctl: tuple[str, ...] = ("systemctl",)
@@ -494,6 +496,11 @@ def parse_config(data: Any) -> RouterConfig:
         raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     systemctl = top.string_list("systemctl") or RouterConfig.systemctl
     journalctl = top.string_list("journalctl") or RouterConfig.journalctl
+    ready_poll_interval_s = top.number("ready_poll_interval_s", RouterConfig.ready_poll_interval_s, minimum=0.005)
+    ready_poll_first_s = top.number("ready_poll_first_s", RouterConfig.ready_poll_first_s, minimum=0.0005)
+    if ready_poll_first_s > ready_poll_interval_s:
+        raise ConfigError("ready_poll_first_s", f"must be <= ready_poll_interval_s ({ready_poll_interval_s}), "
+                                                f"got {ready_poll_first_s}: lower it, or raise the interval")
     config = RouterConfig(
         host=host,
         port=port,
@@ -501,8 +508,8 @@ def parse_config(data: Any) -> RouterConfig:
                         or RouterConfig.max_body_bytes),
         loading_progress_interval_s=top.number("loading_progress_interval_s", RouterConfig.loading_progress_interval_s,
                                                minimum=0.05),
-        ready_poll_interval_s=top.number("ready_poll_interval_s", RouterConfig.ready_poll_interval_s,
-                                         minimum=0.005),
+        ready_poll_first_s=ready_poll_first_s,
+        ready_poll_interval_s=ready_poll_interval_s,
         log_level=log_level,
         systemctl=systemctl,
         journalctl=journalctl,

@@ -10,19 +10,77 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
+import select
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import BackendSpec, GroupSpec, ModelSpec, RouterConfig
-from .control import CommandController, ControlError, Controller, ExternalController
+from .control import CommandController, ControlError, Controller, ExternalController, UnitController
 from .engine_base import Check, Engine, EngineError, WaitFor
 from .metrics import Metrics
 from .vram import VramProbe, VramProbeError
 
 log = logging.getLogger("llmstack_router.group")
+
+
+def poll_delays(first_s: float, cap_s: float) -> Iterator[float]:
+    """Sleeps between readiness probes: ``first_s``, doubling, then ``cap_s`` for ever.
+
+    Defaults 1 ms and 25 ms: 1, 2, 4, 8, 16, 25, 25, ... ms, so a fast engine is seen within about
+    as long again as it took, and one that loads for minutes is probed at the fixed rate it always
+    was (9,604 probes over 4 minutes instead of 9,600). ``first_s == cap_s`` is the fixed period."""
+    delay = first_s
+    while True:
+        yield min(delay, cap_s)
+        delay *= 2
+
+
+def watch_delay(waited_s: float, first_s: float, cap_s: float) -> float:
+    """Sleep between port probes while nothing listens: 0.1% of the wait so far, within [first_s, cap_s].
+
+    At the defaults about 1,000 refused connects in the first second, 3,200 more up to 25 s, then
+    one per cap: about 12,800 over 4 minutes, each ~30 us of router CPU (a failed HTTP probe costs
+    ~10 times that); the engine sees none of them."""
+    return min(cap_s, max(first_s, waited_s / 1000))
+
+
+async def _loopback_address(url: str) -> tuple[int, Any] | None:
+    """Family and address of a backend URL on this host (loopback), for the port probe; None: no
+    port probe (a remote host answers a connect only after a round trip: HTTP probes alone)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        if not parts.hostname or not port:
+            return None
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        return None
+    for family, _type, _proto, _name, sockaddr in infos:
+        if ipaddress.ip_address(sockaddr[0]).is_loopback:
+            return family, sockaddr
+    return None
+
+
+def _listens(address: tuple[int, Any]) -> bool:
+    """Whether something may listen at a loopback ``address``; never waits. The kernel completes
+    or refuses a loopback connect inside the call; a connect still pending (a full backlog)
+    counts as listening: the real probe decides then."""
+    family, sockaddr = address
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        sock.connect_ex(sockaddr)
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        if not poller.poll(0):
+            return True
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.ECONNREFUSED
 
 
 class SwapError(RuntimeError):
@@ -203,11 +261,30 @@ class Swapper:
 
     async def _poll(self, backend: BackendRuntime, target: ModelSpec, check: Check, what: str,
                     active_on_failure: str | None) -> None:
-        deadline = self.now() + backend.spec.ready_timeout_s
+        """Wait until ``check`` (the engine's real readiness probe, the only decider) is true.
+
+        While nothing listens on the backend's port, the wait probes only the port (a loopback TCP
+        connect the kernel refuses; the engine sees nothing), every ``watch_delay`` (1 ms, then 0.1%
+        of the wait so far, capped at ready_poll_interval_s). Once the port accepts, and again when a
+        unit turns ``active`` (systemd's READY=1 for Type=notify units; read from the
+        ``systemctl show`` the failure check runs anyway, once a second), the real probe runs at
+        once and then after ``poll_delays``: ready_poll_first_s (1 ms), doubling, capped at
+        ready_poll_interval_s (25 ms). Over a 4-minute load that is 4 probes more than the fixed
+        period alone (9,600 at 25 ms): the load on a slow engine stays today's."""
+        first, cap = self.config.ready_poll_first_s, self.config.ready_poll_interval_s
+        began = self.now()
+        deadline = began + backend.spec.ready_timeout_s
         spawned = isinstance(backend.controller, CommandController)
-        next_failure_check = self.now() + (0.0 if spawned else 1.0)
+        unit = backend.controller if isinstance(backend.controller, UnitController) else None
+        next_failure_check = began + (0.0 if spawned else 1.0)
+        address = await _loopback_address(backend.spec.url)
+        listening = address is None
+        was_active = unit is not None and unit.last_state.get("ActiveState") == "active"
+        delays = poll_delays(first, cap)
         while True:
-            if await check():
+            if not listening and _listens(address):
+                listening, delays = True, poll_delays(first, cap)
+            if listening and await check():
                 return
             if self.now() >= next_failure_check:
                 failure = await backend.controller.failure(loading=True)
@@ -215,10 +292,13 @@ class Swapper:
                     raise SwapError(f"backend {backend.spec.name} failed while loading {target.id}: {failure}",
                                     active_on_failure)
                 next_failure_check = self.now() + (0.0 if spawned else 1.0)
+                if unit is not None and not was_active and unit.last_state.get("ActiveState") == "active":
+                    was_active, listening, delays = True, True, poll_delays(first, cap)
+                    continue  # READY=1 (or, for other unit types, the start job done): probe now
             if self.now() >= deadline:
                 raise SwapError(f"backend {backend.spec.name} not {what} for {target.id} after "
                                 f"{backend.spec.ready_timeout_s:.0f}s (ready_timeout_s)", active_on_failure)
-            await asyncio.sleep(self.config.ready_poll_interval_s)
+            await asyncio.sleep(next(delays) if listening else watch_delay(self.now() - began, first, cap))
 
     async def _stop(self, backend: BackendRuntime) -> None:
         try:
