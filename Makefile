@@ -5,9 +5,10 @@ VENV ?= .venv
 export LLMSTACK_CACHE ?= $(CURDIR)/.cache
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
-# Scenarios in the order CI runs them; cheap proofs of the lab first. vllm also covers the sglang role (one host),
-# tabbyapi the router role (tabby-tarball: both llama.cpp server kinds behind the router).
-SCENARIOS ?= lab default tabbyapi vllm ollama fleet
+# Scenarios in two lanes that run side by side, each in order; cheap proofs of the lab first. vllm also covers
+# the sglang role (one host), tabbyapi the router role (tabby-tarball: both llama.cpp server kinds behind the
+# router). A lane is a comma-separated list; `make molecule LANES=default` runs one scenario.
+LANES ?= lab,default,fleet tabbyapi,vllm,ollama
 
 .PHONY: deps venv locks locks-check docs docs-check lint sanity units pytest molecule prefetch test lab lab-destroy build clean
 
@@ -68,8 +69,15 @@ pytest: venv
 # `stage X took N s` lines show in the CI log where the 75-minute budget goes (one per scenario too).
 TIMED = start=$$(date +%s); status=0; $(2) || status=$$?; echo "stage $(1) took $$(( $$(date +%s) - start )) s"; [ $$status -eq 0 ]
 
+# Side by side because a scenario mostly waits (ssh round trips, model loads, package downloads) and leaves a
+# core idle; the lanes share nothing but locked caches (hosts and ephemeral dirs are named after the scenario,
+# shared artifacts are built under the builds' locks). Each line carries its lane's first scenario; a failed
+# lane fails the stage after the other lane has finished.
 molecule: venv
-	for s in $(SCENARIOS); do echo "=== molecule test -s $$s"; $(call TIMED,molecule:$$s,molecule test -s $$s); done
+	pids=(); for lane in $(LANES); do \
+	  { for s in $${lane//,/ }; do echo "=== molecule test -s $$s"; $(call TIMED,molecule:$$s,molecule test -s $$s); done; } 2>&1 \
+	    | sed -u "s/^/[$${lane%%,*}] /" & pids+=($$!); \
+	done; status=0; for pid in "$${pids[@]}"; do wait $$pid || status=1; done; [ $$status -eq 0 ]
 
 # The cold cache's artifacts: the lab rootfs, the lab model, llama-server (about 10 min of CPU) and the
 # llama-cpp-python wheel (about 9 min of CPU). `make test` builds them in the background at nice 19 while
