@@ -40,7 +40,7 @@ class ModelSpec:
     backend: str
     served_name: str
     aliases: tuple[str, ...] = ()
-    vram_mib: int | None = None
+    vram_mib: int | None = None  # needed on EACH GPU of its group (pre-flight reads the tightest one)
     # Requests for this model accepted at once (queued or being served); beyond it a 429. None: no cap.
     max_in_flight: int | None = None
     # TabbyAPI only: the verbatim body of POST /v1/model/load (holds model_name, the folder under
