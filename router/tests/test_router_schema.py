@@ -53,8 +53,8 @@ FULL: dict[str, Any] = {
     "systemctl": ["systemctl"],
     "journalctl": ["journalctl"],
     "max_body_bytes": 4096,
-    "limits": {"max_connections": 256, "body_read_timeout_s": 5.0, "client_write_timeout_s": 5.0,
-               "upstream_total_timeout_s": 60.0},
+    "limits": {"max_connections": 256, "header_read_timeout_s": 5.0, "body_read_timeout_s": 5.0,
+               "client_write_timeout_s": 5.0, "upstream_total_timeout_s": 60.0},
     "loading_progress_interval_s": 1.0,
     "ready_poll_interval_s": 0.05,
 }
