@@ -116,6 +116,9 @@ class FakeUpstream:
         """Misbehaviour a request asks for with ``"fake_fault"`` (the router forwards the body as is)."""
         if fault == "html_error":  # a proxy or a crashed engine in front: HTML, not JSON
             return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+        if fault == "big":  # an unstreamed answer of 16 MiB: more than any socket buffers hold (a slow reader's)
+            return web.Response(body=b'{"object": "chat.completion", "pad": "' + b"x" * (16 << 20) + b'"}',
+                                content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:

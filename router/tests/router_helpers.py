@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from llmstack_router.app import ROUTER_KEY, Router, create_app
+from llmstack_router.app import KEEPALIVE_TIMEOUT_S, ROUTER_KEY, Router, create_app, serve
 from llmstack_router.config import parse_config
 
 API_KEY = "test-api-key-0123456789"
@@ -65,20 +65,23 @@ def router_config(backends: dict[str, dict], **overrides: Any) -> dict:
 
 
 class RunningRouter:
-    def __init__(self, runner: web.AppRunner, url: str, router: Router) -> None:
-        self.runner, self.url, self.router = runner, url, router
+    def __init__(self, runner: web.AppRunner, listener: asyncio.Server, url: str, router: Router) -> None:
+        self.runner, self.listener, self.url, self.router = runner, listener, url, router
 
     async def close(self) -> None:
+        self.listener.close()
         await self.runner.cleanup()
 
 
 async def start_router(config: dict, probe: Any = None) -> RunningRouter:
-    app = create_app(parse_config(config), probe=probe)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
+    """The router as app.run serves it: app.serve's listener (connection limit, client deadlines)."""
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return RunningRouter(runner, f"http://127.0.0.1:{port}", app[ROUTER_KEY])
+    parsed = parse_config({**config, "listen": {"host": "127.0.0.1", "port": port}})
+    app = create_app(parsed, probe=probe)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
+    await runner.setup()
+    listener = await serve(parsed, runner)
+    return RunningRouter(runner, listener, f"http://127.0.0.1:{port}", app[ROUTER_KEY])
 
 
 async def start_fake(upstream: Any) -> tuple[web.AppRunner, int]:

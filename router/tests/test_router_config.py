@@ -137,7 +137,7 @@ def test_readme_example_is_a_valid_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "gpus", "expected"), [
-    ("0, 81000\n1, 1000\n", (), 82000),
+    ("0, 81000\n1, 1000\n", (), 1000),  # the tightest GPU, never the sum
     ("0, 81000\n1, 1000\n", (1,), 1000),
     ("0, 512.0\n", (0,), 512),
 ])

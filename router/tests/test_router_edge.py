@@ -7,6 +7,7 @@ answered 500, echoed the input, or let the client hold its slot).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import socket
@@ -184,15 +185,26 @@ async def test_an_upstream_that_sends_headers_then_hangs_or_trickles_is_cut_at_t
     assert router.router.in_flight["m"] == 0
 
 
-async def test_a_slow_reader_is_dropped_after_the_write_timeout_and_frees_its_slot(edge) -> None:
-    router, fake = edge
-    host, port = router.url.removeprefix("http://").split(":")
+def _reader_that_stops(url: str, payload: dict) -> socket.socket:
+    """A client that sends ``payload`` and never reads (a tiny receive buffer: the router's writes stall)."""
+    host, port = url.removeprefix("http://").split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, int(port)))
-    body = json.dumps({**CHAT, "stream": True, "fake_fault": "flood"}).encode()
+    body = json.dumps(payload).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: " + AUTH["Authorization"].encode()
                  + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+async def _metrics(url: str) -> str:
+    async with aiohttp.ClientSession(headers=AUTH) as client, client.get(url + "/metrics") as resp:
+        return await resp.text()
+
+
+async def test_a_slow_reader_is_dropped_after_the_write_timeout_and_frees_its_slot(edge) -> None:
+    router, fake = edge
+    sock = _reader_that_stops(router.url, {**CHAT, "stream": True, "fake_fault": "flood"})
     try:
         lane = router.router.lane_of["m"]
         async with asyncio.timeout(5):
@@ -206,8 +218,77 @@ async def test_a_slow_reader_is_dropped_after_the_write_timeout_and_frees_its_sl
         assert lane.snapshot().in_flight == 0
         await asyncio.sleep(0.2)
         assert fake.disconnects == 1
+        assert 'llmrouter_client_timeouts_total{kind="write"} 1' in await _metrics(router.url)
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("edge", [{"max_in_flight": 1}], indirect=True)
+async def test_a_slow_reader_of_an_unstreamed_answer_is_dropped_and_the_model_serves_others(edge) -> None:
+    """16 MiB unstreamed to a client that never reads: aiohttp writes it after the handler returned and
+    waited in drain() for ever (main: the connection and the 16 MiB held for as long as the client
+    keeps its socket). Now cut at client_write_timeout_s (0.5 s here), counted, logged."""
+    router, fake = edge
+    server = router.runner.server
+    sock = _reader_that_stops(router.url, {**CHAT, "fake_fault": "big"})
+    try:
+        async with asyncio.timeout(5):
+            while not fake.requests:
+                await asyncio.sleep(0.02)
+        began = time.monotonic()
+        while time.monotonic() - began < 8 and (server.connections or router.router.in_flight["m"]):
+            await asyncio.sleep(0.05)
+        assert not server.connections, "the stalled client still holds its connection"
+        assert time.monotonic() - began < 0.5 + 2.5
+        assert router.router.in_flight["m"] == 0
+        assert router.router.lane_of["m"].snapshot().in_flight == 0
+        async with aiohttp.ClientSession(headers=AUTH) as client, \
+                client.post(router.url + "/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200, await resp.text()  # max_in_flight 1: the slot is free
+        assert 'llmrouter_client_timeouts_total{kind="write"} 1' in await _metrics(router.url)
+    finally:
+        sock.close()
+
+
+async def test_a_connection_without_complete_headers_is_closed_and_leaves_the_connection_limit() -> None:
+    """Slowloris: connections that send nothing, or headers a byte at a time, held every connection slot
+    for ever (main: aiohttp has no header-read deadline; its keepalive timer, 3630 s, is the only end)."""
+    fake = FakeUpstream("m")
+    fake_runner, port = await start_fake(fake)
+    config = _config(port)
+    config["limits"].update(max_connections=16, header_read_timeout_s=0.5)
+    router = await start_router(config)
+    host, lport = router.url.removeprefix("http://").split(":")
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        for byte in head:  # 0.1 s a byte: the headers would take 7 s
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+
+    held = [await asyncio.open_connection(host, int(lport)) for _index in range(16)]
+    tricklers = [asyncio.create_task(trickle(writer)) for _reader, writer in held[::2]]
+    try:
+        began = time.monotonic()
+        async with aiohttp.ClientSession(headers=AUTH) as client:
+            async with client.post(router.url + "/v1/chat/completions", json=CHAT) as resp:
+                assert resp.status == 503  # all 16 slots held
+            for reader, _writer in held:  # each closed by the router, silent and trickling alike
+                async with asyncio.timeout(5):
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await reader.read() == b""
+            assert time.monotonic() - began < 0.5 + 2.5
+            await asyncio.sleep(0.1)
+            async with client.post(router.url + "/v1/chat/completions", json=CHAT) as resp:
+                assert resp.status == 200, await resp.text()
+        assert 'llmrouter_client_timeouts_total{kind="header_read"} 16' in await _metrics(router.url)
+    finally:
+        for task in tricklers:
+            task.cancel()
+        for _reader, writer in held:
+            writer.close()
+        await router.close()
+        await fake_runner.cleanup()
 
 
 async def test_streamed_answers_carry_the_request_id(edge) -> None:
@@ -222,7 +303,9 @@ async def test_2000_connections_are_bounded_then_answered_503_and_others_still_s
     fake = FakeUpstream("m")
     fake_runner, port = await start_fake(fake)
     config = _config(port)
-    config["limits"]["max_connections"] = 1000
+    # Held without a request for as long as opening 2000 takes on a loaded machine: the header deadline
+    # (its own test below) must not close them meanwhile.
+    config["limits"].update(max_connections=1000, header_read_timeout_s=120)
     router = await start_router(config)
     parsed = parse_config({**config, "listen": {"host": "127.0.0.1", "port": free_port()}})
     listener = await serve(parsed, router.runner)

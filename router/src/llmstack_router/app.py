@@ -7,12 +7,12 @@ import json
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
-from aiohttp import web
+from aiohttp import web, web_protocol
 
-from .config import ModelSpec, RouterConfig
+from .config import LimitsSpec, ModelSpec, RouterConfig
 from .control import kill_all_spawned
 from .engines import upstream_headers
 from .group import Lane, LoadFailed, build_lanes
@@ -43,10 +43,6 @@ def _no_constant(name: str) -> Any:
 
 # Built once: strict JSON, which refuses NaN/Infinity (Python's json accepts them by default).
 _decode = json.JSONDecoder(parse_constant=_no_constant).decode
-
-
-class ClientStalled(ConnectionResetError):
-    """The client did not take a write within limits.client_write_timeout_s."""
 
 
 def _validate(path: str, payload: Any) -> None:
@@ -212,15 +208,6 @@ class Router:
                                         f"(request id {request[REQUEST_ID]}; backend logs: /admin/status)",
                                         "server_error", "model_load_failed", {"Retry-After": "1"})
             return await self._forward(request, lane, model, body, stream, response)
-        except ClientStalled:
-            log.warning("client took no write for %.0fs (limits.client_write_timeout_s): dropped",
-                        self.limits.client_write_timeout_s)
-            if request.transport is not None:
-                request.transport.abort()
-            request[STATUS] = 499
-            # Prepared: aiohttp's finish_response (web_protocol.py) meets the closed transport and stops.
-            prepared = request.get(STREAM)
-            return prepared if prepared is not None else response
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if ticket.cut is None or task is None or task.uncancel():
@@ -230,15 +217,6 @@ class Router:
         finally:
             self.in_flight[model.id] -= 1
             ticket.close()
-
-    async def _send(self, response: web.StreamResponse, data: bytes) -> None:
-        """One write to a client, bounded: aiohttp's StreamWriter.write (http_writer.py) waits in drain()
-        while the transport is paused, for ever if the client stopped reading."""
-        try:
-            async with asyncio.timeout(self.limits.client_write_timeout_s):
-                await response.write(data)
-        except TimeoutError:
-            raise ClientStalled("client stopped reading") from None
 
     async def _open_stream(self, request: web.Request, content_type: str) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={
@@ -264,7 +242,7 @@ class Router:
                 break
             if response is None:
                 response = await self._open_stream(request, "text/event-stream")
-            await self._send(response, f": loading {model.id} {time.monotonic() - began:.0f}s\n\n".encode())
+            await response.write(f": loading {model.id} {time.monotonic() - began:.0f}s\n\n".encode())
         return response
 
     async def _fail(self, request: web.Request, response: web.StreamResponse | None, status: int, message: str,
@@ -273,7 +251,7 @@ class Router:
             request[STATUS] = status
             return openai_error(status, message, err_type, code, headers=headers)
         request[STATUS] = 200
-        await self._send(response, sse_error(message, err_type, code))
+        await response.write(sse_error(message, err_type, code))
         await response.write_eof()
         return response
 
@@ -324,11 +302,11 @@ class Router:
         request[STATUS] = 200
         if upstream.status != 200:
             detail = (await upstream.read()).decode(errors="replace")[:2000]
-            await self._send(response, sse_error(f"upstream answered {upstream.status}: {detail}",
-                                                 "server_error", "upstream_error"))
+            await response.write(sse_error(f"upstream answered {upstream.status}: {detail}",
+                                           "server_error", "upstream_error"))
         else:
             async for chunk in upstream.iter_chunks():
-                await self._send(response, chunk)
+                await response.write(chunk)
         await response.write_eof()
         return response
 
@@ -351,7 +329,7 @@ class Router:
         if response is None or not response.prepared:
             request[STATUS] = status
             return openai_error(status, message, "server_error", code)
-        await self._send(response, sse_error(message, "server_error", code))
+        await response.write(sse_error(message, "server_error", code))
         await response.write_eof()
         return response
 
@@ -465,7 +443,17 @@ def create_app(config: RouterConfig, probe: VramProbe | None = None) -> web.Appl
     return app
 
 
-# ---- the connection limit ---------------------------------------------------------------------
+# ---- the connection limit and the client deadlines ----------------------------------------------
+# Idle time allowed between two requests of a keep-alive connection: aiohttp's keepalive_timeout, 75 s as
+# web.run_app sets it (web.py); an AppRunner without it gets RequestHandler's 3630 s (web_protocol.py).
+# Longer than the clients' own idle expiry (httpx 5 s, aiohttp's client 15 s), so they close first and
+# never send on a connection we are closing.
+KEEPALIVE_TIMEOUT_S = 75.0
+# aiohttp counts the requests it parsed on a connection (web_protocol.py RequestHandler.data_received);
+# nothing public says whether a connection's first headers have come. Checked once, here, by name.
+if "_request_count" not in web_protocol.RequestHandler.__slots__:
+    raise ImportError("aiohttp's RequestHandler has no _request_count, which limits.header_read_timeout_s reads: "
+                      "install the aiohttp that router/pyproject.toml pins")
 _BUSY = json.dumps({"error": {"message": "the router holds its maximum of connections (limits.max_connections); "
                                          "retry later", "type": "server_error", "param": None,
                               "code": "too_many_connections"}}).encode()
@@ -497,27 +485,98 @@ class _Busy(asyncio.Protocol):
         return False  # the client is done too: asyncio closes the transport
 
 
+class _Client(asyncio.Protocol):
+    """One client connection: aiohttp's RequestHandler (``inner``) with the two deadlines aiohttp lacks.
+
+    Headers: a connection whose first request has not been parsed within limits.header_read_timeout_s
+    (nothing sent, or headers sent byte by byte) is closed; aiohttp alone would wait its keepalive_timeout.
+    Between requests KEEPALIVE_TIMEOUT_S governs: aiohttp closes a connection idle (or in the middle of
+    its next headers) that long (web_protocol.py _process_keepalive).
+
+    Writes: when the transport pauses writing (over its high-water mark: the client stopped reading),
+    the client has limits.client_write_timeout_s to take data again or is dropped. That bounds every
+    write to a client, streamed or not, error bodies and aiohttp's own answers included, where
+    aiohttp would wait in drain() for ever (http_writer.py); the abort cancels the handler, which
+    frees the model's slot. A client that reads costs no timer at all.
+    """
+
+    __slots__ = ("header_timer", "inner", "limits", "metrics", "transport", "write_timer")
+
+    def __init__(self, inner: web_protocol.RequestHandler, limits: LimitsSpec, metrics: Metrics) -> None:
+        self.inner, self.limits, self.metrics = inner, limits, metrics
+        self.transport: asyncio.Transport | None = None
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.write_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.inner.connection_made(transport)
+        self.header_timer = asyncio.get_running_loop().call_later(self.limits.header_read_timeout_s,
+                                                                  self._headers_due)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+        self.write_timer = asyncio.get_running_loop().call_later(self.limits.client_write_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self.header_timer, self.write_timer):
+            if timer is not None:
+                timer.cancel()
+        self.header_timer = self.write_timer = None
+        self.inner.connection_lost(exc)
+
+    def _headers_due(self) -> None:
+        self.header_timer = None
+        if self.inner._request_count == 0 and self.transport is not None:
+            self.metrics.client_timeouts.inc("header_read")
+            log.debug("client %s sent no complete headers in %.1fs (limits.header_read_timeout_s): closed",
+                      self.transport.get_extra_info("peername"), self.limits.header_read_timeout_s)
+            self.transport.abort()
+
+    def _stalled(self) -> None:
+        self.write_timer = None
+        if self.transport is not None:
+            self.metrics.client_timeouts.inc("write")
+            log.warning("client %s took no write for %.1fs (limits.client_write_timeout_s): dropped",
+                        self.transport.get_extra_info("peername"), self.limits.client_write_timeout_s)
+            self.transport.abort()
+
+
 def limited_factory(runner: web.AppRunner, config: RouterConfig) -> Any:
-    """aiohttp's protocol factory (web_server.py Server.__call__) behind a count of its open connections.
+    """aiohttp's protocol factory (web_server.py Server.__call__) behind a count of its open connections,
+    each with the client deadlines (_Client).
 
     aiohttp has no connection limit of its own: every accepted socket gets a RequestHandler, and
-    Server.connection_made/connection_lost keep the set this reads.
+    Server.connection_made/connection_lost keep the set this reads (a connection a deadline closed
+    leaves it once its handler task ended).
     """
     server = runner.server
     assert server is not None, "runner.setup() first"
-    limit = config.limits.max_connections
+    limits = config.limits
     metrics = runner.app[ROUTER_KEY].metrics
 
     def factory() -> asyncio.Protocol:
-        if len(server.connections) >= limit:
+        if len(server.connections) >= limits.max_connections:
             return _Busy(metrics)
-        return server()
+        return _Client(server(), limits, metrics)
 
     return factory
 
 
 async def serve(config: RouterConfig, runner: web.AppRunner) -> asyncio.Server:
-    """Listen on config.host:port with the connection limit (instead of web.TCPSite)."""
+    """Listen on config.host:port with the connection limit and the client deadlines (instead of web.TCPSite)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(limited_factory(runner, config), config.host, config.port,
                                     reuse_address=True, backlog=1024)
@@ -531,7 +590,7 @@ def run(config: RouterConfig, config_path: str | None = None) -> None:
         # handler_cancellation: a client that disconnects cancels its handler, which is what
         # drops it from the queue or closes its upstream request.
         app = create_app(config)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, keepalive_timeout=KEEPALIVE_TIMEOUT_S,
                                handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         listener = await serve(config, runner)

@@ -40,7 +40,7 @@ class ModelSpec:
     backend: str
     served_name: str
     aliases: tuple[str, ...] = ()
-    vram_mib: int | None = None
+    vram_mib: int | None = None  # needed on EACH GPU of its group (pre-flight reads the tightest one)
     # Requests for this model accepted at once (queued or being served); beyond it a 429. None: no cap.
     max_in_flight: int | None = None
     # TabbyAPI only: the verbatim body of POST /v1/model/load (holds model_name, the folder under
@@ -109,9 +109,13 @@ class AuthSpec:
 class LimitsSpec:
     # Open client connections; one more is answered 503 and closed. The unit's LimitNOFILE is sized for it.
     max_connections: int = 4096
+    # A new connection must deliver its first request's headers within this, or it is closed (slowloris);
+    # between requests of a keep-alive connection, app.KEEPALIVE_TIMEOUT_S applies.
+    header_read_timeout_s: float = 10.0
     # A request body must arrive within this (a Content-Length larger than what is sent: 408).
     body_read_timeout_s: float = 30.0
-    # Each write to a client must be taken within this, or the client is dropped (a reader that stopped).
+    # A client whose writes stall (it stopped reading) must take data again within this, or it is dropped:
+    # every write, streamed or not (app._Client).
     client_write_timeout_s: float = 30.0
     # From forwarding to the last byte of the answer (request_timeout_s is per chunk; this caps a trickle).
     upstream_total_timeout_s: float = 1800.0
@@ -122,6 +126,7 @@ def _limits(raw: Any) -> LimitsSpec:
     spec = LimitsSpec(
         max_connections=(reader.integer("max_connections", LimitsSpec.max_connections, minimum=16)
                          or LimitsSpec.max_connections),
+        header_read_timeout_s=reader.number("header_read_timeout_s", LimitsSpec.header_read_timeout_s, minimum=0.1),
         body_read_timeout_s=reader.number("body_read_timeout_s", LimitsSpec.body_read_timeout_s, minimum=0.1),
         client_write_timeout_s=reader.number("client_write_timeout_s", LimitsSpec.client_write_timeout_s,
                                              minimum=0.1),

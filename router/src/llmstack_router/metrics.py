@@ -84,6 +84,10 @@ class Metrics:
         self.rejected = Counter("llmrouter_rejected_total",
                                 "Requests refused by the router itself (400/401/404/408/413/429), by HTTP status.",
                                 ("code",))
+        self.client_timeouts = Counter(
+            "llmrouter_client_timeouts_total", "Client connections cut by a deadline: header_read (no complete "
+            "headers in limits.header_read_timeout_s), write (took no data in limits.client_write_timeout_s).",
+            ("kind",))
         self.swaps = Counter("llmrouter_swaps_total", "Backend swaps, by GPU group and result.", ("group", "result"))
         self.swap_seconds = Histogram("llmrouter_swap_duration_seconds", "Time from swap start to ready.",
                                       ("group",), _SWAP_BUCKETS)
@@ -97,7 +101,7 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.rejected, self.swaps, self.swap_seconds, self.upstream_seconds,
-                       *self.gauges):
+        for metric in (self.requests, self.rejected, self.client_timeouts, self.swaps, self.swap_seconds,
+                       self.upstream_seconds, *self.gauges):
             lines += metric.render()
         return "\n".join(lines) + "\n"

@@ -310,6 +310,8 @@ class Swapper:
     # ---- VRAM ----------------------------------------------------------------------------
 
     async def _free_mib(self) -> int | None:
+        """Free MiB of the group's tightest GPU (vram.py): every figure below is per GPU, as a
+        model's ``vram_mib`` is what it needs on each GPU of its group."""
         try:
             return await self.probe.free_mib(self.group.gpus)
         except VramProbeError as exc:
@@ -342,8 +344,8 @@ class Swapper:
                     reclaimable += max(0, runtime.free_before_start - free)
         if free + reclaimable < need:
             raise SwapError(f"model {target.id} needs {need} MiB but GPU group {self.group.name} can free at most "
-                            f"{free + reclaimable} MiB ({free} MiB free now + {reclaimable} MiB held by "
-                            f"{previous.id if previous else 'nothing we manage'}); not swapping", active_after)
+                            f"{free + reclaimable} MiB on its tightest GPU ({free} MiB free now + {reclaimable} MiB "
+                            f"held by {previous.id if previous else 'nothing we manage'}); not swapping", active_after)
 
     async def _await_vram_back(self, stopped: BackendRuntime, target: ModelSpec) -> None:
         baseline = stopped.free_before_start

@@ -12,7 +12,10 @@ class VramProbeError(RuntimeError):
 
 class VramProbe(Protocol):
     async def free_mib(self, gpus: tuple[int, ...]) -> int | None:
-        """Free MiB summed over ``gpus`` (all GPUs when empty); None when unknown."""
+        """Free MiB of the tightest of ``gpus`` (all GPUs when empty); None when unknown.
+
+        The least, never the sum: a model needs its VRAM on each GPU it uses (1000 + 80000 MiB free
+        does not hold a 40000-MiB model; the service guard checks each GPU the same way)."""
 
 
 class NoVramProbe:
@@ -50,8 +53,8 @@ class NvidiaSmiProbe:
 
 
 def parse_nvidia_smi(text: str, gpus: tuple[int, ...]) -> int | None:
-    """Free MiB summed over ``gpus`` from ``--query-gpu=index,memory.free``; None when a GPU shows no
-    number ([N/A] on unified-memory parts such as GB10, [Not Supported], [GPU is lost])."""
+    """Free MiB of the tightest of ``gpus`` from ``--query-gpu=index,memory.free``; None when a GPU shows
+    no number ([N/A] on unified-memory parts such as GB10, [Not Supported], [GPU is lost])."""
     free: dict[int, int | None] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -70,7 +73,7 @@ def parse_nvidia_smi(text: str, gpus: tuple[int, ...]) -> int | None:
     values = [free[gpu] for gpu in wanted]
     if any(value is None for value in values):
         return None
-    return sum(value for value in values if value is not None)
+    return min((value for value in values if value is not None), default=0)
 
 
 def make_probe(kind: str) -> VramProbe:
