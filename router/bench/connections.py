@@ -97,7 +97,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = {"listen": {"host": "127.0.0.1", "port": router_port},
                   "auth": {"api_keys": [KEY]}, "log_level": "WARNING",
-                  "limits": {"max_connections": args.max_connections},
+                  # Held half-requests would be closed after the default 10 s header deadline (issue 13):
+                  # the bench measures what holding them costs, so it keeps them for its whole run.
+                  "limits": {"max_connections": args.max_connections, "header_read_timeout_s": 3600},
                   "groups": {"gpu0": {}},
                   "backends": {"b": {"engine": "llamacpp", "group": "gpu0", "url": f"http://127.0.0.1:{upstream_port}",
                                      "models": [{"id": "m"}]}}}
