@@ -624,8 +624,9 @@ def main() -> None:
         asyncio.run(_serve_fake(args))
         return
     if not (args.no_litellm or args.profile or os.access(args.litellm, os.X_OK)):
-        parser.error(f"--litellm {args.litellm}: not an executable; build LiteLLM's venv (uv venv DIR && uv pip "
-                     "install --require-hashes -r requirements/litellm.lock), pass its bin/litellm, or --no-litellm")
+        parser.error(f"--litellm {args.litellm}: not an executable; build LiteLLM's venv (uv venv DIR && "
+                     "uv pip install --python DIR/bin/python --require-hashes -r requirements/litellm.lock), "
+                     "pass its bin/litellm, or --no-litellm")
     pin_plan(not args.no_pin)
     asyncio.run(profile(args) if args.profile else run(args))
 
