@@ -257,7 +257,7 @@ def show_targets(target: dict[str, float], router_added: tuple[float, float], ra
         checks.append(("router/LiteLLM added p50", ratio, target["ratio"], ""))
     for name, value, limit, unit in checks:
         if value is None:
-            print(f"  target {name} <= {limit} {unit}: not measured (--no-litellm)")
+            print(f"  target {name} <= {limit}: not measured (--no-litellm)")
             continue
         verdict = "met" if value <= limit else "NOT met"
         print(f"  target {name} <= {limit}{unit and ' ' + unit}: {value:.3f}{unit and ' ' + unit}  {verdict}")
