@@ -8,8 +8,15 @@ Last, the router's own time inside a swap: two spawned fake engines swapped N ti
 engine writes when it got SIGTERM, when it exited and when it listened, so the backend's part
 is subtracted from what the client saw.
 
-    .venv/bin/python router/bench/bench.py [--llama-python .cache/venvs/llamacpp/bin/python]
-        [--llama-model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf] [--litellm .cache/venvs/litellm/bin/litellm]
+With two or more CPUs the router and LiteLLM run pinned to one core, the load generator and the
+upstreams to another (os.sched_setaffinity), so concurrency-32 figures are the proxy's and not
+the client's; the pinning is printed. Each table is followed by issue 14's targets and whether the
+run met them. --profile instead runs the router under cProfile for --requests sequential requests
+and prints its top functions by own and by cumulative time.
+
+    .venv/bin/python router/bench/bench.py [--litellm .cache/venvs/litellm/bin/litellm | --no-litellm]
+        [--llama-python .cache/venvs/llamacpp/bin/python]
+        [--llama-model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf] [--profile]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import itertools
 import json
 import os
+import pstats
 import signal
 import socket
 import statistics
@@ -38,6 +46,11 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "bench-api-key-0123456789"
 LITELLM_KEY = "sk-bench-master-key-0123456789"
 CHAT = {"messages": [{"role": "user", "content": "Say hi"}]}
+CACHE = Path(os.environ.get("LLMSTACK_CACHE", ROOT / ".cache"))
+# Issue 14's targets for the router's added latency (ms) and its share of LiteLLM's; a benchmark, not a test.
+TARGETS = {1: {"p50": 0.25, "p99": 0.5, "ratio": 0.03}, 32: {"p50": 1.0}}
+# CPU sets: the proxies on one core, the client and the upstreams on the other (None: not pinned).
+PIN: dict[str, set[int] | None] = {"proxy": None, "load": None}
 
 
 # ---- the fast upstream -----------------------------------------------------------------------
@@ -116,9 +129,12 @@ class Procs:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if cpus is not None:
+            os.sched_setaffinity(proc.pid, cpus)  # before it serves: its threads inherit the set
         self.procs.append(proc)
         return proc
 
@@ -218,7 +234,8 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 async def compare(targets: dict[str, tuple[str, str, dict[str, str]]], label: str, count: int, concurrency: int,
-                  extra: dict[str, Any], rounds: int = 3) -> dict[str, list[float]]:
+                  extra: dict[str, Any], rounds: int = 3,
+                  target: dict[str, float] | None = None) -> dict[str, list[float]]:
     """Interleave targets over rounds so that drifting background load hits all of them alike."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
     cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
@@ -227,11 +244,27 @@ async def compare(targets: dict[str, tuple[str, str, dict[str, str]]], label: st
             before = cpu_seconds(PIDS.get(name))
             samples[name] += await batch(url, model, headers, count // rounds, concurrency, extra)
             cpu[name] += cpu_seconds(PIDS.get(name)) - before
-    report(label, samples, {name: cpu[name] / len(samples[name]) for name in targets if name in PIDS})
+    report(label, samples, {name: cpu[name] / len(samples[name]) for name in targets if name in PIDS},
+           target)
     return samples
 
 
-def report(label: str, samples: dict[str, list[float]], cpu_per_request: dict[str, float]) -> None:
+def show_targets(target: dict[str, float], router_added: tuple[float, float], ratio: float | None) -> None:
+    checks = [("router added p50", router_added[0] * 1e3, target["p50"], "ms")]
+    if "p99" in target:
+        checks.append(("router added p99", router_added[1] * 1e3, target["p99"], "ms"))
+    if "ratio" in target:
+        checks.append(("router/LiteLLM added p50", ratio, target["ratio"], ""))
+    for name, value, limit, unit in checks:
+        if value is None:
+            print(f"  target {name} <= {limit}: not measured (--no-litellm)")
+            continue
+        verdict = "met" if value <= limit else "NOT met"
+        print(f"  target {name} <= {limit}{unit and ' ' + unit}: {value:.3f}{unit and ' ' + unit}  {verdict}")
+
+
+def report(label: str, samples: dict[str, list[float]], cpu_per_request: dict[str, float],
+           target: dict[str, float] | None = None) -> None:
     direct = samples["direct"]
     d50, d99 = pct(direct, 0.5), pct(direct, 0.99)
     print(f"\n{label}  (n={len(direct)} per target)")
@@ -243,11 +276,15 @@ def report(label: str, samples: dict[str, list[float]], cpu_per_request: dict[st
         extra = "" if name == "direct" else f"{(p50 - d50) * 1e3:10.3f} {(p99 - d99) * 1e3:10.3f}"
         cpu = f"{cpu_per_request[name] * 1e6:11.0f} us" if name in cpu_per_request else ""
         print(f"  {name:8} {p50 * 1e3:9.3f} {p99 * 1e3:9.3f} {extra} {cpu}")
+    ratio = None
     if "litellm" in added and "router" in added:
         r50, r99 = added["router"]
         l50, l99 = added["litellm"]
-        print(f"  router added / litellm added: p50 {r50 / l50 if l50 else float('nan'):.3f}, "
+        ratio = r50 / l50 if l50 > 0 else float("nan")
+        print(f"  router added / litellm added: p50 {ratio:.3f}, "
               f"p99 {r99 / l99 if l99 else float('nan'):.3f}")
+    if target is not None and "router" in added:
+        show_targets(target, added["router"], ratio)
     RESULTS[label] = {name: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3, "n": len(v),
                              "cpu_us_per_request": cpu_per_request.get(name, 0.0) * 1e6}
                       for name, v in samples.items()}
@@ -389,18 +426,106 @@ async def swap_overhead(workdir: Path, swaps: int) -> None:
                        "ready_lag_p50_ms": pct(lag, 0.5) * 1e3, "rows": rows}
 
 
+def idle_connection_memory(port: int, pid: int, count: int) -> None:
+    """The router's RSS growth per idle keep-alive connection: each answered one request, then waits."""
+    before = rss_kib(pid)
+    socks = []
+    try:
+        for _index in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+                reply += sock.recv(4096)
+            socks.append(sock)
+        time.sleep(0.5)
+        after = rss_kib(pid)
+    finally:
+        for sock in socks:
+            sock.close()
+    per = (after - before) / count
+    print(f"\nmemory per idle keep-alive connection ({count} held, one request each): "
+          f"{per:.1f} KiB (router RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB)")
+    RESULTS["idle_connection_kib"] = per
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def pin_plan(enabled: bool) -> None:
+    """Proxies on the last allowed core, this process (the load generator) and upstreams on the rest."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not enabled or len(allowed) < 2:
+        print(f"pinning: none ({len(allowed)} CPUs allowed{'' if enabled else ', --no-pin'}): "
+              "client, upstreams and proxies share the cores")
+        return
+    PIN["proxy"], PIN["load"] = {allowed[-1]}, set(allowed[:-1])
+    os.sched_setaffinity(0, PIN["load"])
+    print(f"pinning: router and LiteLLM on CPU {allowed[-1]}; client and upstreams on CPU "
+          f"{','.join(map(str, allowed[:-1]))} (os.sched_setaffinity; other processes on the machine are not moved)")
+
+
+# The router under cProfile, enabled by SIGUSR1 once it serves, so that imports and startup stay out.
+_PROFILED = """
+import atexit, cProfile, signal, sys
+from llmstack_router import cli
+prof = cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+atexit.register(lambda: (prof.disable(), prof.dump_stats(sys.argv[1])))
+sys.exit(cli.main(["--config", sys.argv[2]]))
+"""
+
+
+async def profile(args: argparse.Namespace) -> None:
+    """One router under cProfile, --requests sequential requests through it, its top functions."""
+    workdir = Path(tempfile.mkdtemp(prefix="router-profile-"))
+    procs = Procs(workdir)
+    fake_port, router_port = free_port(), free_port()
+    procs.start("fake", fake_cmd(fake_port, "fake"), cpus=PIN["load"])
+    backends = {"fake": {"engine": "openai", "group": "g1", "url": f"http://127.0.0.1:{fake_port}",
+                         "models": [{"id": "fake"}]}}
+    (workdir / "router.yml").write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": router_port}, "auth": {"api_keys": [KEY]}, "log_level": "INFO",
+        "groups": {"g1": {}}, "backends": backends}))
+    stats = workdir / "router.prof"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "router" / "src")}
+    url, headers = f"http://127.0.0.1:{router_port}", {"Authorization": f"Bearer {KEY}"}
+    try:
+        await wait_http(f"http://127.0.0.1:{fake_port}/health", 30)
+        router = procs.start("router", [sys.executable, "-c", _PROFILED, str(stats), str(workdir / "router.yml")],
+                             env, PIN["proxy"])
+        await wait_http(url + "/health", 60)
+        await batch(url, "fake", headers, 20, 1, {})  # warm: pooled upstream connection, first-call paths
+        os.kill(router.pid, signal.SIGUSR1)
+        await asyncio.sleep(0.2)
+        await batch(url, "fake", headers, args.requests, 1, {})
+        os.kill(router.pid, signal.SIGTERM)
+        router.wait(30)
+    finally:
+        procs.stop_all()
+    for key, title in (("tottime", "own time"), ("cumulative", "cumulative time")):
+        print(f"\nrouter under cProfile, {args.requests} requests at concurrency 1 (startup excluded): "
+              f"top {args.profile_top} by {title}")
+        pstats.Stats(str(stats)).strip_dirs().sort_stats(key).print_stats(args.profile_top)
+    print(f"profile: {stats} (python -m pstats)")
+
+
 async def run(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="router-bench-"))
     procs = Procs(workdir)
     fake_port, router_port = free_port(), free_port()
     llama_port, litellm_port = free_port(), free_port()
     use_llama = bool(args.llama_python and args.llama_model)
-    use_litellm = bool(args.litellm)
-    procs.start("fake", fake_cmd(fake_port, "fake", args.chunks, args.chunk_delay))
+    use_litellm = not args.no_litellm
+    procs.start("fake", fake_cmd(fake_port, "fake", args.chunks, args.chunk_delay), cpus=PIN["load"])
     if use_llama:
         procs.start("llama", [args.llama_python, "-m", "llama_cpp.server", "--model", args.llama_model,
                               "--host", "127.0.0.1", "--port", str(llama_port), "--model_alias", "smol",
-                              "--n_ctx", "512", "--n_threads", "1"])
+                              "--n_ctx", "512", "--n_threads", "1"], cpus=PIN["load"])
     backends: dict[str, Any] = {"fake": {"engine": "openai", "group": "g1", "url": f"http://127.0.0.1:{fake_port}",
                                          "models": [{"id": "fake"}]}}
     groups: dict[str, Any] = {"g1": {}}
@@ -417,7 +542,7 @@ async def run(args: argparse.Namespace) -> None:
         if use_llama:
             await wait_http(f"http://127.0.0.1:{llama_port}/v1/models", 120)
         PIDS["router"] = procs.start("router", [sys.executable, "-m", "llmstack_router.cli", "--config",
-                                                str(workdir / "router.yml")], env).pid
+                                                str(workdir / "router.yml")], env, PIN["proxy"]).pid
         await wait_http(f"http://127.0.0.1:{router_port}/health", 30)
         if use_litellm:
             model_list = [{"model_name": "fake", "litellm_params": {
@@ -433,18 +558,21 @@ async def run(args: argparse.Namespace) -> None:
                             "LITELLM_LOG": "ERROR"}
             litellm_argv = [args.litellm, "--config", str(workdir / "litellm.yml"), "--host", "127.0.0.1",
                             "--port", str(litellm_port), "--num_workers", "1"]
-            PIDS["litellm"] = procs.start("litellm", litellm_argv, litellm_env).pid
+            PIDS["litellm"] = procs.start("litellm", litellm_argv, litellm_env, PIN["proxy"]).pid
             await wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", 180)
         router_headers = {"Authorization": f"Bearer {KEY}"}
         fast = {"direct": (f"http://127.0.0.1:{fake_port}", "fake", {}),
                 "router": (f"http://127.0.0.1:{router_port}", "fake", router_headers)}
         if use_litellm:
             fast["litellm"] = (f"http://127.0.0.1:{litellm_port}", "fake", {"Authorization": f"Bearer {LITELLM_KEY}"})
-        await compare(fast, "fast upstream, non-streaming, concurrency 1", args.requests, 1, {})
-        await compare(fast, "fast upstream, non-streaming, concurrency 32", args.requests * 2, 32, {})
+        await compare(fast, "fast upstream, non-streaming, concurrency 1", args.requests, 1, {},
+                      target=TARGETS[1])
+        await compare(fast, "fast upstream, non-streaming, concurrency 32", args.requests * 2, 32, {},
+                      target=TARGETS[32])
         await streams(fast, f"fast upstream, streaming {args.chunks} chunks every {args.chunk_delay * 1e3:.0f} ms",
                       args.streams, {})
         await client_choice(fake_port, args.requests)
+        idle_connection_memory(router_port, PIDS["router"], args.idle_connections)
         if use_llama:
             llama = {"direct": (f"http://127.0.0.1:{llama_port}", "smol", {}),
                      "router": (f"http://127.0.0.1:{router_port}", "smol", router_headers)}
@@ -481,13 +609,26 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--llama-python", default=None)
     parser.add_argument("--llama-model", default=None)
-    parser.add_argument("--litellm", default=None, help="path to the litellm executable (its own venv)")
+    parser.add_argument("--litellm", default=str(CACHE / "venvs" / "litellm" / "bin" / "litellm"),
+                        help="the litellm executable, in its own venv from requirements/litellm.lock "
+                             "(default: $LLMSTACK_CACHE/venvs/litellm/bin/litellm)")
+    parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out (no ratio target then)")
+    parser.add_argument("--no-pin", action="store_true", help="no CPU pinning")
+    parser.add_argument("--idle-connections", type=int, default=500)
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile the router (cProfile) over --requests requests and print its top entries")
+    parser.add_argument("--profile-top", type=int, default=15)
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
     if args.serve_fake:
         asyncio.run(_serve_fake(args))
-    else:
-        asyncio.run(run(args))
+        return
+    if not (args.no_litellm or args.profile or os.access(args.litellm, os.X_OK)):
+        parser.error(f"--litellm {args.litellm}: not an executable; build LiteLLM's venv (uv venv DIR && "
+                     "uv pip install --python DIR/bin/python --require-hashes -r requirements/litellm.lock), "
+                     "pass its bin/litellm, or --no-litellm")
+    pin_plan(not args.no_pin)
+    asyncio.run(profile(args) if args.profile else run(args))
 
 
 if __name__ == "__main__":

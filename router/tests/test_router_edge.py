@@ -337,3 +337,29 @@ async def test_2000_connections_are_bounded_then_answered_503_and_others_still_s
         listener.close()
         await router.close()
         await fake_runner.cleanup()
+
+
+async def test_the_connection_limit_answers_503_on_uvloop_too() -> None:
+    """The CLI runs on uvloop (cli.py), whose transports are not asyncio.WriteTransport subclasses:
+    on main the 503 protocol asserted that and every connection over the limit got a reset instead."""
+    uvloop = pytest.importorskip("uvloop")
+    from llmstack_router.app import _Busy
+    from llmstack_router.metrics import Metrics
+
+    metrics = Metrics()
+
+    async def over_the_limit() -> bytes:
+        server = await asyncio.get_running_loop().create_server(lambda: _Busy(metrics), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            async with asyncio.timeout(5):
+                return await reader.read()
+        finally:
+            writer.close()
+            server.close()
+
+    answer = await asyncio.to_thread(uvloop.run, over_the_limit())
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"too_many_connections" in answer
+    assert metrics.rejected.values == {("503",): 1.0}

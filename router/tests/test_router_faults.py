@@ -309,6 +309,7 @@ async def test_router_exit_kills_spawned_backend_and_its_children(tmp_path: Path
         logs = (await proc.stderr.read()).decode()
         assert '"logger": "llmstack_router.access"' in logs
         assert '"request_id"' in logs
+        assert "(event loop: uvloop " in logs  # cli.py picks uvloop (a dependency) when it imports
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import aiohttp
@@ -147,6 +148,9 @@ class Router:
         if encoding is not None and encoding.strip().lower() not in _ENCODINGS:
             raise BadRequest(f"Content-Encoding {encoding[:32]!r} is not supported (use gzip, deflate, br or none)")
         try:
+            if request.content.is_eof():
+                # All of it arrived with the headers (the common case): nothing to wait for, no timer.
+                return await request.read()
             # aiohttp reads until Content-Length bytes came (web_request.py BaseRequest.read): a client
             # that declares more than it sends would hold the connection until the peer gives up.
             async with asyncio.timeout(self.limits.body_read_timeout_s):
@@ -261,28 +265,33 @@ class Router:
         headers = self._upstream_headers[backend.name] | {"X-Request-Id": request[REQUEST_ID]}
         began = time.monotonic()
         # One deadline for the whole exchange: request_timeout_s is per chunk, so a backend that
-        # trickles a byte at a time would otherwise hold the slot for ever.
-        when = asyncio.get_running_loop().time() + self.limits.upstream_total_timeout_s
-        deadline = asyncio.timeout_at(when)
+        # trickles a byte at a time would otherwise hold the slot for ever. One timer for both phases.
+        deadline = asyncio.timeout(self.limits.upstream_total_timeout_s)
+        upstream: UpstreamResponse | None = None
         try:
             async with deadline:
                 upstream = await self.upstreams[backend.name].post(request.path, body, headers,
                                                                    backend.request_timeout_s)
-        except (OSError, TimeoutError) as exc:
-            return await self._upstream_failed(request, lane, model, response, exc, deadline.expired())
-        self.metrics.upstream_seconds.observe(time.monotonic() - began, model.id)
-        deadline = asyncio.timeout_at(when)  # a Timeout is entered once (asyncio/timeouts.py)
-        try:
-            async with deadline:
+                self.metrics.upstream_seconds.observe(time.monotonic() - began, model.id)
                 return await self._relay(request, upstream, stream, response)
         except (UpstreamError, TimeoutError) as exc:
+            # Before the answer (refused, reset, no headers in time) or while relaying it.
             return await self._upstream_failed(request, lane, model, request.get(STREAM, response), exc,
                                                deadline.expired())
-        except (asyncio.CancelledError, ConnectionResetError):
-            # The client left: drop the upstream connection so the engine stops generating.
-            upstream.close()
-            request[STATUS] = 499
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            if upstream is None and not isinstance(exc, asyncio.CancelledError):
+                # Reset by the backend before it answered.
+                return await self._upstream_failed(request, lane, model, response, exc, deadline.expired())
+            if upstream is not None:
+                # The client left: drop the upstream connection so the engine stops generating.
+                upstream.close()
+                request[STATUS] = 499
             raise
+        except OSError as exc:
+            if upstream is not None:
+                raise  # the client side's, not the backend's
+            # Refused, unreachable.
+            return await self._upstream_failed(request, lane, model, response, exc, deadline.expired())
 
     async def _relay(self, request: web.Request, upstream: UpstreamResponse, stream: bool,
                      response: web.StreamResponse | None) -> web.StreamResponse:
@@ -473,7 +482,8 @@ class _Busy(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.metrics.rejected.inc("503")
-        assert isinstance(transport, asyncio.WriteTransport)
+        # No isinstance check: uvloop's transports are not asyncio.WriteTransport subclasses.
+        transport = cast(asyncio.WriteTransport, transport)
         transport.write(_BUSY_REPLY)
         transport.write_eof()
         asyncio.get_running_loop().call_later(1.0, transport.close)
@@ -582,9 +592,11 @@ async def serve(config: RouterConfig, runner: web.AppRunner) -> asyncio.Server:
                                     reuse_address=True, backlog=1024)
 
 
-def run(config: RouterConfig, config_path: str | None = None) -> None:
+def run(config: RouterConfig, config_path: str | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
     """What web.run_app did, with the connection limit: serve until SIGTERM/SIGINT, then clean up.
-    SIGHUP reloads ``config_path`` in place (reload.py); without a handler its default action kills us."""
+    SIGHUP reloads ``config_path`` in place (reload.py); without a handler its default action kills us.
+    ``loop_factory``: the event loop (cli.py passes uvloop's when it is installed); None: asyncio's."""
 
     async def main() -> None:
         # handler_cancellation: a client that disconnects cancels its handler, which is what
@@ -607,4 +619,5 @@ def run(config: RouterConfig, config_path: str | None = None) -> None:
             await runner.shutdown()
             await runner.cleanup()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())

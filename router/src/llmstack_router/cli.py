@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import logging
+import os
 import sys
+from collections.abc import Callable
 
 from . import __version__
 from .app import run
 from .config import ConfigError, load_config
 from .control import kill_all_spawned
 from .logs import setup_logging
+
+
+def event_loop() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """uvloop when it is installed (a dependency: it halves the loop's own cost per request), asyncio's
+    otherwise or with LLMSTACK_ROUTER_EVENT_LOOP=asyncio (a way back should uvloop misbehave)."""
+    if os.environ.get("LLMSTACK_ROUTER_EVENT_LOOP", "auto") == "asyncio":
+        return "asyncio (LLMSTACK_ROUTER_EVENT_LOOP)", None
+    try:
+        import uvloop  # optional at run time: the router works without it
+    except ImportError:
+        return "asyncio (uvloop not installed)", None
+    return f"uvloop {uvloop.__version__}", uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.log_level)
     atexit.register(kill_all_spawned)
-    logging.getLogger("llmstack_router").info("listening on %s:%d", config.host, config.port)
+    loop_name, loop_factory = event_loop()
+    logging.getLogger("llmstack_router").info("listening on %s:%d (event loop: %s)", config.host, config.port,
+                                              loop_name)
     # app.py: web.run_app's loop plus the connection limit (limits.max_connections) and SIGHUP (reload.py).
-    run(config, args.config)
+    run(config, args.config, loop_factory)
     return 0
 
 

@@ -172,6 +172,7 @@ class Response:
             if not data:
                 raise asyncio.IncompleteReadError(b"", self._remaining)
             self._remaining -= len(data)
+            self._done = self._remaining == 0  # no second pass (and timer) just to learn the body ended
             return data
         data = await reader.read(_READ_SIZE)  # close-delimited
         if not data:
