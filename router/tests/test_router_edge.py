@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import uvloop
 from llmstack_router.app import serve
 from llmstack_router.config import parse_config
 from router_fake_upstream import FakeUpstream
@@ -25,6 +26,13 @@ from router_helpers import AUTH, RunningRouter, free_port, router_config, start_
 
 pytestmark = pytest.mark.asyncio
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+# The CLI serves on uvloop (cli.py), these tests' in-process routers on asyncio's loop by default: the write and
+# header deadlines hang on the transport's pause_writing/resume_writing calls and on data_received, which each
+# loop implements in its own transports, so the tests of those deadlines run on both.
+BOTH_LOOPS = pytest.mark.parametrize("event_loop_policy", [
+    pytest.param(asyncio.DefaultEventLoopPolicy(), id="asyncio"),
+    pytest.param(uvloop.EventLoopPolicy(), id="uvloop"),
+])
 LIMITS = {"body_read_timeout_s": 0.5, "client_write_timeout_s": 0.5, "upstream_total_timeout_s": 1.5}
 
 
@@ -202,6 +210,7 @@ async def _metrics(url: str) -> str:
         return await resp.text()
 
 
+@BOTH_LOOPS
 async def test_a_slow_reader_is_dropped_after_the_write_timeout_and_frees_its_slot(edge) -> None:
     router, fake = edge
     sock = _reader_that_stops(router.url, {**CHAT, "stream": True, "fake_fault": "flood"})
@@ -223,6 +232,7 @@ async def test_a_slow_reader_is_dropped_after_the_write_timeout_and_frees_its_sl
         sock.close()
 
 
+@BOTH_LOOPS
 @pytest.mark.parametrize("edge", [{"max_in_flight": 1}], indirect=True)
 async def test_a_slow_reader_of_an_unstreamed_answer_is_dropped_and_the_model_serves_others(edge) -> None:
     """16 MiB unstreamed to a client that never reads: aiohttp writes it after the handler returned and
@@ -250,6 +260,7 @@ async def test_a_slow_reader_of_an_unstreamed_answer_is_dropped_and_the_model_se
         sock.close()
 
 
+@BOTH_LOOPS
 async def test_a_connection_without_complete_headers_is_closed_and_leaves_the_connection_limit() -> None:
     """Slowloris: connections that send nothing, or headers a byte at a time, held every connection slot
     for ever (main: aiohttp has no header-read deadline; its keepalive timer, 3630 s, is the only end)."""
