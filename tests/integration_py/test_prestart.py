@@ -11,14 +11,12 @@ hardware we lack, the GPU, is emulated by a fake `nvidia-smi` written per test (
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 import uuid
@@ -704,17 +702,11 @@ ROLE_VALIDATION = """
 """
 
 
-def test_role_refuses_root_as_the_service_user(tmp_path: Path) -> None:
+def test_role_refuses_root_as_the_service_user(tmp_path: Path, localhost_playbook) -> None:
     """Argument validation, on the controller: the guard would stop any root process as a "leftover"."""
-    repo = SCRIPT.parents[3]
     playbook = tmp_path / "validate.yml"
     playbook.write_text(ROLE_VALIDATION)
     extra = {"service_guard_user": "root", "service_guard_instances": [{"unit": "sgtest.service", "ports": [8080]}]}
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", json.dumps(extra), str(playbook)],
-        cwd=repo, env=dict(os.environ, ANSIBLE_CONFIG=str(repo / "ansible.cfg"), ANSIBLE_NOCOLOR="1"),
-        capture_output=True, text=True, timeout=300, check=False,
-    )
+    proc = localhost_playbook(playbook, extra_vars=extra)
     assert proc.returncode == 2, proc.stdout
     assert "service_guard_user is 'root': the guarded unit must run as an unprivileged system user" in proc.stdout
