@@ -8,8 +8,6 @@ and the preflight must pass or fail with a message that names the fix.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,37 +39,20 @@ def blackwell_with_driver(driver: str, cuda: str) -> dict:
     return answers
 
 
-def run_preflight(tmp_path: Path, answers: dict, **extra_vars: object) -> subprocess.CompletedProcess[str]:
+def run_preflight(
+    localhost_playbook, tmp_path: Path, answers: dict, **extra_vars: object
+) -> subprocess.CompletedProcess[str]:
     smi = install_fake_nvidia_smi(tmp_path / "bin", answers)
     playbook = tmp_path / "preflight.yml"
     playbook.write_text(PLAYBOOK)
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    extra = {"ansible_python_interpreter": sys.executable, "common_gpu_nvidia_smi_path": str(smi), **extra_vars}
-    return subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            json.dumps(extra),
-            str(playbook),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return localhost_playbook(playbook, extra_vars={"common_gpu_nvidia_smi_path": str(smi), **extra_vars})
 
 
 @pytest.mark.parametrize("box", ["rtx5090", "b200x8", "mixed_5090_4090", "h100"])
-def test_recorded_gpus_pass(tmp_path: Path, box: str) -> None:
+def test_recorded_gpus_pass(localhost_playbook, tmp_path: Path, box: str) -> None:
     if box not in BOXES:
         pytest.fail(f"recording {box} is missing from nvidia_smi_recordings.BOXES ({sorted(BOXES)})")
-    result = run_preflight(tmp_path, BOXES[box]["answers"])
+    result = run_preflight(localhost_playbook, tmp_path, BOXES[box]["answers"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -84,8 +65,10 @@ def test_recorded_gpus_pass(tmp_path: Path, box: str) -> None:
         ("580.65.06", "13.0", True),
     ],
 )
-def test_blackwell_needs_driver_570_and_cuda_12_8(tmp_path: Path, driver: str, cuda: str, ok: bool) -> None:
-    result = run_preflight(tmp_path, blackwell_with_driver(driver, cuda))
+def test_blackwell_needs_driver_570_and_cuda_12_8(
+    localhost_playbook, tmp_path: Path, driver: str, cuda: str, ok: bool
+) -> None:
+    result = run_preflight(localhost_playbook, tmp_path, blackwell_with_driver(driver, cuda))
     assert (result.returncode == 0) is ok, result.stdout + result.stderr
     if not ok:
         assert "has a Blackwell GPU (NVIDIA GeForce RTX 5090)" in result.stdout
@@ -93,20 +76,20 @@ def test_blackwell_needs_driver_570_and_cuda_12_8(tmp_path: Path, driver: str, c
         assert "Blackwell needs driver >= 570 and CUDA >= 12.8" in result.stdout
 
 
-def test_older_gpu_with_old_driver_is_not_held_to_blackwell_minimums(tmp_path: Path) -> None:
+def test_older_gpu_with_old_driver_is_not_held_to_blackwell_minimums(localhost_playbook, tmp_path: Path) -> None:
     answers = copy.deepcopy(BOXES["rtx4090"]["answers"])
     driver = answers["query"]["stdout"].split(", ")[7]
     answers["query"]["stdout"] = answers["query"]["stdout"].replace(driver, "535.183.01")
     answers["q"]["stdout"] = q_compute("535.183.01", "12.2", ["00000000:01:00.0"])
-    result = run_preflight(tmp_path, answers)
+    result = run_preflight(localhost_playbook, tmp_path, answers)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("failure", ["driver_unreachable", "no_devices"])
-def test_host_without_gpu_fails_unless_allowed(tmp_path: Path, failure: str) -> None:
-    refused = run_preflight(tmp_path, FAILURES[failure]["answers"])
+def test_host_without_gpu_fails_unless_allowed(localhost_playbook, tmp_path: Path, failure: str) -> None:
+    refused = run_preflight(localhost_playbook, tmp_path, FAILURES[failure]["answers"])
     assert refused.returncode != 0
     assert "has no usable NVIDIA GPU" in refused.stdout
     assert "set common_gpu_required: false" in refused.stdout
-    allowed = run_preflight(tmp_path, FAILURES[failure]["answers"], common_gpu_required=False)
+    allowed = run_preflight(localhost_playbook, tmp_path, FAILURES[failure]["answers"], common_gpu_required=False)
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr

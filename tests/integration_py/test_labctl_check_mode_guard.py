@@ -6,9 +6,7 @@ enables it.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,34 +25,14 @@ PLAYBOOK = """
 """
 
 
-def run_playbook(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def run_playbook(localhost_playbook, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     playbook = tmp_path / "playbook.yml"
     playbook.write_text(PLAYBOOK, encoding="utf-8")
     env = {
-        **os.environ,
         "ANSIBLE_CALLBACK_PLUGINS": str(REPO / "molecule/shared/callback_plugins"),
         "ANSIBLE_CALLBACKS_ENABLED": "check_mode_guard",
     }
-    return subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "-e",
-            f"marker={tmp_path / 'marker'}",
-            str(playbook),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    return localhost_playbook(playbook, *extra, extra_vars={"marker": str(tmp_path / "marker")}, env=env, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -65,10 +43,10 @@ def run_playbook(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str
         pytest.param(False, False, 0, id="normal-run-with-changes-passes"),
     ],
 )
-def test_guard(tmp_path: Path, converge_first: bool, check: bool, expected_rc: int) -> None:
+def test_guard(localhost_playbook, tmp_path: Path, converge_first: bool, check: bool, expected_rc: int) -> None:
     if converge_first:
-        assert run_playbook(tmp_path).returncode == 0
-    result = run_playbook(tmp_path, *(["--check"] if check else []))
+        assert run_playbook(localhost_playbook, tmp_path).returncode == 0
+    result = run_playbook(localhost_playbook, tmp_path, *(["--check"] if check else []))
     assert result.returncode == expected_rc, result.stdout + result.stderr
     if expected_rc:
         assert "check mode reported changes on localhost" in result.stderr

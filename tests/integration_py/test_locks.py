@@ -75,7 +75,7 @@ def _include(tmp: Path, variant: str, digest: str, pins: list[str] | None = None
     }
 
 
-def _converge(tmp: Path, digest: str, tampered: str) -> dict:
+def _converge(localhost_playbook, tmp: Path, digest: str, tampered: str) -> dict:
     """One ansible run (each costs seconds): per installer a tampered lock, the good lock, the good lock again."""
     tasks = []
     for variant in ("uv", "pip"):
@@ -107,30 +107,7 @@ def _converge(tmp: Path, digest: str, tampered: str) -> dict:
         }
     )
     (tmp / "play.yml").write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        ANSIBLE_NOCOLOR="1",
-    )
-    run = subprocess.run(
-        [
-            str(BIN / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            str(tmp / "play.yml"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    run = localhost_playbook(tmp / "play.yml")
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads((tmp / "results.json").read_text())
 
@@ -140,11 +117,11 @@ def _lock(digest: str) -> str:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the task file installs as root (owner root), like on a node")
-def test_tampered_hash_fails_with_the_package_name(tmp_path: Path) -> None:
+def test_tampered_hash_fails_with_the_package_name(tmp_path: Path, localhost_playbook) -> None:
     (tmp_path / "wheelhouse").mkdir()
     digest = hashlib.sha256(_wheel(tmp_path / "wheelhouse").read_bytes()).hexdigest()
     tampered = ("0" if digest[0] != "0" else "1") + digest[1:]
-    out = _converge(tmp_path, digest, tampered)
+    out = _converge(localhost_playbook, tmp_path, digest, tampered)
     for variant in ("uv", "pip"):
         bad = out[f"bad_{variant}"]
         assert bad, f"{variant}: the tampered lock installed"

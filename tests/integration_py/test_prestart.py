@@ -11,14 +11,12 @@ hardware we lack, the GPU, is emulated by a fake `nvidia-smi` written per test (
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 import uuid
@@ -260,6 +258,90 @@ def test_orphan_ignoring_sigterm_is_killed_after_grace(guard: Guard, users, proc
     assert time.monotonic() - started >= 1
     assert orphan.wait(timeout=5) == -signal.SIGKILL
     assert "still running 1s after SIGTERM: sending SIGKILL" in result.output
+
+
+# A stand-in for ps (bind-mounted over the real one in a private pid and mount namespace): it answers with
+# the real ps and, once, when the guard asks "-o $SWAP_ON -p $SWAP_PID", SIGKILLs that process and starts
+# another one of the same user under the same PID (ns_last_pid; nothing else forks in the namespace).
+PID_SWAP_PS = """#!/bin/bash
+"$REAL_PS" "$@"
+rc=$?
+if [[ "$*" == "-o $SWAP_ON -p $SWAP_PID" ]] && mkdir "$SWAP_DIR/swapped" 2>/dev/null; then
+    kill -KILL "$SWAP_PID"
+    # Reaped by the namespace's init (the driver below); a zombie would keep the number.
+    for _ in $(seq 50); do [[ -e /proc/$SWAP_PID ]] || break; sleep 0.1; done
+    echo $((SWAP_PID - 1)) >/proc/sys/kernel/ns_last_pid
+    /usr/bin/setpriv --reuid="$SWAP_UID" --regid="$SWAP_GID" --clear-groups /bin/sleep 300 </dev/null >/dev/null 2>&1 &
+    echo "$! $(cut -d' ' -f22 "/proc/$!/stat")" >"$SWAP_DIR/impostor"
+fi
+exit $rc
+"""
+
+# PID 1 of the namespace: starts the listener as the service user, runs the guard, then reports the
+# listener's and the impostor's "pid starttime" and what the impostor's PID holds after the guard.
+PID_SWAP_DRIVER = """
+mount --bind "$SWAP_DIR/ps" "$PS_PATH" || exit 99
+/usr/bin/setpriv --reuid="$SWAP_UID" --regid="$SWAP_GID" --clear-groups \\
+    /usr/bin/python3 -c "$LISTENER" 127.0.0.1 "$PORT" "$MODE" >"$SWAP_DIR/listener.out" 2>&1 &
+export SWAP_PID=$!
+for _ in $(seq 100); do grep -q ready "$SWAP_DIR/listener.out" && break; sleep 0.1; done
+echo "listener=$SWAP_PID $(cut -d' ' -f22 "/proc/$SWAP_PID/stat")"
+/bin/bash "$SCRIPT" "$CONFIG"
+echo "guard-rc=$?"
+echo "impostor=$(cat "$SWAP_DIR/impostor" 2>/dev/null)"
+read -r pid _ <"$SWAP_DIR/impostor" && echo "now=$(cut -d' ' -f3,22 "/proc/$pid/stat" 2>/dev/null || echo gone)"
+"""
+
+
+@pytest.mark.parametrize(
+    ("signal_name", "swap_on", "mode"), [("TERM", "user:64=", "normal"), ("KILL", "stat=", "ignore-term")]
+)
+def test_a_reused_pid_is_not_signalled(
+    guard: Guard, users, workdir: Path, signal_name: str, swap_on: str, mode: str
+) -> None:
+    """The listed leftover exits and its PID goes to a new process of the same user before the guard's signal.
+
+    TERM: swapped while the guard reads the owner (after judging it, before SIGTERM). KILL: the leftover
+    ignores SIGTERM and is swapped at the guard's first liveness check, so the new process still looks like
+    the leftover when the grace period ends. Only the start time (stat field 22) tells the two apart.
+    """
+    guard.kill_grace_s = 1
+    guard.write_config()
+    account = pwd.getpwnam(users["service"])
+    real_ps = workdir / "ps.real"
+    shutil.copy2("/usr/bin/ps", real_ps)
+    (workdir / "ps").write_text(PID_SWAP_PS)
+    (workdir / "ps").chmod(0o755)
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "REAL_PS": str(real_ps),
+        "PS_PATH": os.path.realpath("/usr/bin/ps"),
+        "SWAP_DIR": str(workdir),
+        "SWAP_ON": swap_on,
+        "SWAP_UID": str(account.pw_uid),
+        "SWAP_GID": str(account.pw_gid),
+        "LISTENER": LISTENER,
+        "PORT": str(guard.ports[0]),
+        "MODE": mode,
+        "SCRIPT": str(SCRIPT),
+        "CONFIG": str(guard.config),
+    }
+    proc = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "/bin/bash", "-c", PID_SWAP_DRIVER],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    out = proc.stdout + proc.stderr
+    report = {key: value for key, _, value in (line.partition("=") for line in proc.stdout.splitlines())}
+    assert {"listener", "guard-rc", "impostor", "now"} <= report.keys(), out
+    listener_pid, listener_start = report["listener"].split()
+    impostor_pid, impostor_start = report["impostor"].split()
+    assert impostor_pid == listener_pid, f"the PID was not reused (the test's premise): {out}"
+    assert impostor_start != listener_start, out
+    assert report["now"] == f"S {impostor_start}", f"the process that took PID {listener_pid} was signalled: {out}"
+    assert f"stopping leftover PID {listener_pid} of user {users['service']}" in out
+    assert f"PID {listener_pid} exited (or its number was reused) before SIG{signal_name}: not signalled" in out
+    assert report["guard-rc"] == "0", out
+    assert f"port {guard.ports[0]} is free after stopping leftovers" in out
 
 
 @pytest.mark.parametrize("holder", ["other", "root"])
@@ -620,17 +702,11 @@ ROLE_VALIDATION = """
 """
 
 
-def test_role_refuses_root_as_the_service_user(tmp_path: Path) -> None:
+def test_role_refuses_root_as_the_service_user(tmp_path: Path, localhost_playbook) -> None:
     """Argument validation, on the controller: the guard would stop any root process as a "leftover"."""
-    repo = SCRIPT.parents[3]
     playbook = tmp_path / "validate.yml"
     playbook.write_text(ROLE_VALIDATION)
     extra = {"service_guard_user": "root", "service_guard_instances": [{"unit": "sgtest.service", "ports": [8080]}]}
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", json.dumps(extra), str(playbook)],
-        cwd=repo, env=dict(os.environ, ANSIBLE_CONFIG=str(repo / "ansible.cfg"), ANSIBLE_NOCOLOR="1"),
-        capture_output=True, text=True, timeout=300, check=False,
-    )
+    proc = localhost_playbook(playbook, extra_vars=extra)
     assert proc.returncode == 2, proc.stdout
     assert "service_guard_user is 'root': the guarded unit must run as an unprivileged system user" in proc.stdout

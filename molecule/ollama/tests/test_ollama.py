@@ -23,6 +23,7 @@ testinfra_hosts = [f"ansible://{name}" for name in sorted(INVENTORY.get_hosts("o
 HOME = "/opt/llmstack/ollama"
 VERSION = "0.0.0-standin"
 DROPIN = "/etc/systemd/system/ollama.service.d/20-llmstack.conf"
+ENV_FILE = "/etc/llmstack/ollama/ollama.env"
 CALLS = "/var/lib/ollama-standin/calls.log"
 
 
@@ -58,10 +59,25 @@ def test_settings_dropin(host):
         'Environment="OLLAMA_KEEP_ALIVE=10m"',
         'Environment="OLLAMA_MAX_LOADED_MODELS=2"',
         'Environment="OLLAMA_MODELS=/var/lib/llmstack/ollama/models"',
-        'Environment="OLLAMA_NUM_PARALLEL=2"',
+        f"EnvironmentFile={ENV_FILE}",
     ):
         assert line in content
     assert host.run("systemd-analyze verify ollama.service").rc == 0
+
+
+def test_environment_map_only_in_a_root_only_file(host):
+    """ollama_environment may carry tokens: a 0600 file systemd reads, not the drop-in any user can read."""
+    env_file = host.file(ENV_FILE)
+    assert (env_file.user, env_file.group, env_file.mode) == ("root", "root", 0o600)
+    dropin = host.file(DROPIN).content_string
+    assert "LLMSTACK_TEST_TOKEN, OLLAMA_NUM_PARALLEL" in dropin, "the drop-in names the variables"
+    assert "lab-token" not in dropin
+    assert "lab-token" not in host.run("systemctl show ollama.service").stdout
+    assert not host.run(f"ls -d {ENV_FILE}?*~ 2>/dev/null").stdout, "no backups of the env file"
+    pid = host.run("systemctl show -p MainPID --value ollama.service").stdout.strip()
+    environ = host.run(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout.splitlines()
+    assert "OLLAMA_NUM_PARALLEL=2" in environ
+    assert 'LLMSTACK_TEST_TOKEN=lab-token "quoted" back\\slash $HOME' in environ
 
 
 def test_unit_runs_the_binary_unprivileged_with_the_dropin(host):
