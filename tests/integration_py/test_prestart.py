@@ -331,7 +331,7 @@ def test_a_reused_pid_is_not_signalled(
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )
     out = proc.stdout + proc.stderr
-    report = {key: value for key, _, value in (line.partition("=") for line in proc.stdout.splitlines())}
+    report = {key: value for key, _sep, value in (line.partition("=") for line in proc.stdout.splitlines())}
     assert {"listener", "guard-rc", "impostor", "now"} <= report.keys(), out
     listener_pid, listener_start = report["listener"].split()
     impostor_pid, impostor_start = report["impostor"].split()
