@@ -84,10 +84,9 @@ molecule: venv
 # lint, sanity and units keep one core busy, so they take the idle core; a test that needs one earlier waits
 # on its build's lock (each script flocks and then finds the artifact), so nothing is built twice.
 prefetch: venv
-# One build after the other, in the order the tests need them: the wheel (pytest's llama.cpp tests), then
-# llama-server (molecule). Side by side they split the idle core: the wheel took 1418 s and pytest waited on it.
 	$(call TIMED,prefetch,python3 tools/lab/labctl.py rootfs >/dev/null && tools/fetch-lab-model.sh && \
-	  tools/build-llamacpp-wheel.sh && tools/build-llama-server.sh)
+	  { tools/build-llama-server.sh & server=$$!; \
+	    tools/build-llamacpp-wheel.sh && wait $$server; })
 
 # Stages run in sequence through sub-makes so each one is timed; the first failing stage stops the run (and
 # the background prefetch: its own process group, killed on exit; a failed prefetch fails the run too).
